@@ -1,0 +1,498 @@
+//! Configuration: one TOML file, overridden by `RESPITE_<SECTION>_<KEY>`
+//! environment variables, then by `--set key=value` and the dedicated CLI
+//! flags. Unknown keys are errors everywhere, so a typo never silently
+//! leaves a default in force.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub l1: L1Config,
+    pub compression: CompressionConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    #[serde(skip)]
+    pub meta: Meta,
+}
+
+/// Facts about where the configuration came from, not settings.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    /// The file it was loaded from, for reloads.
+    pub path: Option<PathBuf>,
+    /// Whether any source named an upstream (file, env, flag). Only when none
+    /// did may respite fall back to its in-process store.
+    pub upstream_explicit: bool,
+    /// The `--set` overrides (CLI flags included), re-applied on reload.
+    pub sets: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            limits: LimitsConfig::default(),
+            l1: L1Config::default(),
+            compression: CompressionConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            meta: Meta::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_clients: usize,
+    /// 0 disables, as Redis' `timeout 0`.
+    pub idle_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:6380".into(),
+            max_clients: 10_000,
+            idle_timeout_ms: 0,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Never serve from the in-process store (unless no upstream was named
+    /// anywhere and nothing answers at the default address).
+    None,
+    /// Always serve from the in-process store.
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub url: String,
+    /// Shared, multiplexed connections per protocol version.
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    /// A request on a shared connection older than this fails the
+    /// connection: it is what bounds the wait when Redis hangs.
+    pub timeout_ms: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub fallback: Fallback,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            pool_size: 2,
+            connect_timeout_ms: 1000,
+            timeout_ms: 10_000,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 5000,
+            fallback: Fallback::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_bulk_bytes: usize,
+    pub max_multibulk_len: usize,
+    pub max_inline_bytes: usize,
+    /// Reply bytes a client may leave unread before it is disconnected.
+    pub max_output_bytes: usize,
+    /// Reply slots (batches of pipelined commands) queued per client before
+    /// the proxy stops reading from it.
+    pub max_pipeline: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bulk_bytes: 512 * 1024 * 1024,
+            max_multibulk_len: 1024 * 1024,
+            max_inline_bytes: 64 * 1024,
+            max_output_bytes: 256 * 1024 * 1024,
+            max_pipeline: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L1Mode {
+    Tracking,
+    Ttl,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L1Config {
+    pub mode: L1Mode,
+    pub max_bytes: u64,
+    pub max_ttl_ms: u64,
+    pub max_value_bytes: usize,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        // The near cache is not built yet; until it is, "off" is the only
+        // mode that does what it says (see validate()).
+        L1Config { mode: L1Mode::Off, max_bytes: 256 << 20, max_ttl_ms: 60_000, max_value_bytes: 1 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    pub enabled: bool,
+    pub min_bytes: usize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig { enabled: false, min_bytes: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Empty disables the endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:9380".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "respite=debug", ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Plain }
+    }
+}
+
+/// Sections that may appear in `RESPITE_<SECTION>_<KEY>`, longest first so
+/// `RESPITE_UPSTREAM_TLS_CA_FILE` is not read as upstream.tls_ca_file.
+const ENV_SECTIONS: &[&str] = &["compression", "upstream", "metrics", "limits", "server", "log", "l1"];
+
+/// Parsed upstream address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("invalid upstream URL: {e}"))?;
+        let tls = match u.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            other => return Err(format!("invalid upstream URL: scheme '{other}' (use redis:// or rediss://)")),
+        };
+        let host = u
+            .host_str()
+            .ok_or("invalid upstream URL: no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = u.port().unwrap_or(6379);
+        let dec = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let user = (!u.username().is_empty()).then(|| dec(u.username()));
+        let password = u.password().map(dec);
+        let path = u.path().trim_start_matches('/');
+        let db = if path.is_empty() {
+            0
+        } else {
+            path.parse().map_err(|_| format!("invalid upstream URL: db '{path}' is not a number"))?
+        };
+        Ok(UpstreamUrl { tls, host, port, user, password, db })
+    }
+
+    /// The address without credentials, safe for logs and INFO.
+    pub fn redacted(&self) -> String {
+        format!(
+            "{}://{}{}:{}/{}",
+            if self.tls { "rediss" } else { "redis" },
+            if self.password.is_some() || self.user.is_some() { "***@" } else { "" },
+            if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() },
+            self.port,
+            self.db
+        )
+    }
+}
+
+impl Config {
+    pub fn upstream_url(&self) -> Result<UpstreamUrl, String> {
+        UpstreamUrl::parse(&self.upstream.url)
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.server.idle_timeout_ms > 0).then(|| Duration::from_millis(self.server.idle_timeout_ms))
+    }
+
+    /// Loads a configuration from all sources. `file`: optional TOML path;
+    /// `env`: the process environment (passed in for tests); `sets`:
+    /// `key=value` overrides in order.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Config, String> {
+        let mut table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+                text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut explicit = table
+            .get("upstream")
+            .and_then(|u| u.as_table())
+            .is_some_and(|u| u.contains_key("url"));
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("RESPITE_") else { continue };
+            let rest = rest.to_ascii_lowercase();
+            let Some(section) = ENV_SECTIONS
+                .iter()
+                .find(|s| rest.starts_with(*s) && rest.as_bytes().get(s.len()) == Some(&b'_'))
+            else {
+                return Err(format!("environment variable {k}: unknown section"));
+            };
+            let key = format!("{section}.{}", &rest[section.len() + 1..]);
+            explicit |= key == "upstream.url";
+            set_path(&mut table, &key, &v).map_err(|e| format!("environment variable {k}: {e}"))?;
+        }
+        for s in sets {
+            let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected KEY=VALUE"))?;
+            explicit |= k.trim() == "upstream.url";
+            set_path(&mut table, k.trim(), v).map_err(|e| format!("--set {s}: {e}"))?;
+        }
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| format!("invalid configuration: {}", e.message()))?;
+        cfg.meta = Meta { path: file.map(Path::to_path_buf), upstream_explicit: explicit, sets: sets.to_vec() };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that deserialize fine but cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("server.listen '{}': {e}", self.server.listen))?;
+        if !self.metrics.listen.is_empty() {
+            self.metrics
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("metrics.listen '{}': {e}", self.metrics.listen))?;
+        }
+        self.upstream_url()?;
+        if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
+            return Err("upstream.pool_size must be between 1 and 64".into());
+        }
+        if self.upstream.reconnect_min_ms == 0 || self.upstream.reconnect_max_ms < self.upstream.reconnect_min_ms {
+            return Err("upstream.reconnect_min_ms must be > 0 and <= reconnect_max_ms".into());
+        }
+        if self.limits.max_pipeline == 0 {
+            return Err("limits.max_pipeline must be > 0".into());
+        }
+        if self.l1.mode != L1Mode::Off {
+            return Err("l1.mode: only \"off\" is available in this build (the near cache is not implemented yet)".into());
+        }
+        if self.compression.enabled {
+            return Err("compression.enabled: not available in this build yet".into());
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| format!("log.level '{}': {e}", self.log.level))?;
+        Ok(())
+    }
+
+    /// The configuration as TOML, with secrets masked.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        if let Ok(u) = self.upstream_url() {
+            if u.password.is_some() || u.user.is_some() {
+                c.upstream.url = u.redacted();
+            }
+        }
+        toml::to_string(&c).unwrap_or_default()
+    }
+
+    /// Flattened `key = value` pairs for `PROXY CONFIG GET` (secrets masked).
+    pub fn flat(&self) -> Vec<(String, String)> {
+        let v: toml::Table = toml::from_str(&self.redacted_toml()).unwrap_or_default();
+        let mut out = Vec::new();
+        flatten("", &toml::Value::Table(v), &mut out);
+        out
+    }
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&p, v, out);
+            }
+        }
+        toml::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// Sets a dotted key in a TOML table. The value is read as a TOML literal
+/// when it is one (numbers, booleans, arrays, quoted strings), else as a bare
+/// string, so `--set l1.mode=off` and `--set server.max_clients=5` both work.
+pub fn set_path(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("invalid key '{key}'"));
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("'{p}' in '{key}' is not a section"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, String> {
+        let dir = std::env::temp_dir().join(format!("respite-cfg-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::write(&dir, toml).unwrap();
+        let r = Config::load(
+            Some(&dir),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        );
+        std::fs::remove_file(&dir).ok();
+        r
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let c = Config::load(None, std::iter::empty(), &[]).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:6380");
+        assert_eq!(c.upstream.url, "redis://127.0.0.1:6379");
+        assert_eq!(c.metrics.listen, "127.0.0.1:9380");
+        assert!(!c.meta.upstream_explicit);
+    }
+
+    #[test]
+    fn precedence_file_env_set() {
+        let c = load(
+            "[server]\nmax_clients = 5\n[upstream]\npool_size = 3\n",
+            &[("RESPITE_SERVER_MAX_CLIENTS", "6"), ("RESPITE_LIMITS_MAX_BULK_BYTES", "100")],
+            &["server.max_clients=7", "log.format=json"],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_clients, 7);
+        assert_eq!(c.upstream.pool_size, 3);
+        assert_eq!(c.limits.max_bulk_bytes, 100);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.meta.upstream_explicit);
+        let c = load("", &[("RESPITE_UPSTREAM_URL", "redis://127.0.0.1:7000")], &[]).unwrap();
+        assert!(c.meta.upstream_explicit);
+        assert_eq!(c.upstream_url().unwrap().port, 7000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(load("[server]\nlisten_addr = 'x'\n", &[], &[]).unwrap_err().contains("listen_addr"));
+        assert!(load("bogus = 1\n", &[], &[]).is_err());
+        assert!(load("", &[], &["server.nope=1"]).is_err());
+        assert!(load("", &[("RESPITE_NOPE_X", "1")], &[]).is_err());
+        assert!(load("", &[], &["server.listen=notanaddr"]).is_err());
+        assert!(load("", &[], &["upstream.url=http://x"]).is_err());
+        assert!(load("", &[], &["upstream.pool_size=0"]).is_err());
+        assert!(load("", &[], &["noequals"]).is_err());
+        assert!(load("[server\n", &[], &[]).is_err());
+        assert!(load("", &[], &["l1.mode=bogus"]).is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let u = UpstreamUrl::parse("rediss://app:p%40ss@10.0.0.1:6390/3").unwrap();
+        assert_eq!(
+            u,
+            UpstreamUrl {
+                tls: true,
+                host: "10.0.0.1".into(),
+                port: 6390,
+                user: Some("app".into()),
+                password: Some("p@ss".into()),
+                db: 3
+            }
+        );
+        assert_eq!(u.redacted(), "rediss://***@10.0.0.1:6390/3");
+        let u = UpstreamUrl::parse("redis://:secret@[::1]").unwrap();
+        assert_eq!((u.user, u.password.as_deref(), u.port, u.host.as_str()), (None, Some("secret"), 6379, "::1"));
+        assert!(UpstreamUrl::parse("redis://h/x").is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let c = load("", &[], &["upstream.url=redis://u:hunter2@127.0.0.1:6379"]).unwrap();
+        let flat = c.flat();
+        assert!(flat.iter().all(|(_, v)| !v.contains("hunter2")), "{flat:?}");
+        assert!(!c.redacted_toml().contains("hunter2"));
+    }
+}

@@ -1,0 +1,24 @@
+//! respite: a Redis-protocol caching proxy.
+//!
+//! Module map (data path order):
+//! - [`server`]: listener, shared state, start-up, reload, graceful drain.
+//! - [`session`]: one client connection: parse, classify, dispatch, ordered replies.
+//! - [`resp`]: request parser with limits, resumable reply-frame scanner, reply builders.
+//! - [`command`]: the command table generated from Redis' `COMMAND` and classification.
+//! - [`upstream`]: multiplexed, pipelined shared connections; dedicated connections.
+//! - [`local`]: in-process store for a first run without Redis.
+//! - [`admin`]: `PROXY ...` commands and the INFO section.
+//! - [`config`], [`metrics`], [`logging`]: configuration, Prometheus metrics, logs.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod check;
+pub mod command;
+pub mod config;
+pub mod local;
+pub mod logging;
+pub mod metrics;
+pub mod resp;
+pub mod server;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,287 @@
+//! The listener, shared state, start-up, reload and graceful shutdown.
+
+use crate::config::{Config, Fallback};
+use crate::local::LocalStore;
+use crate::metrics::Metrics;
+use crate::resp::Limits;
+use crate::upstream::Upstream;
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Where commands are executed.
+pub enum Backend {
+    Upstream(Arc<Upstream>),
+    /// In-process store for a first run without Redis.
+    Local(Arc<LocalStore>),
+}
+
+/// The settings that may change while running, read lock-free by sessions.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    pub max_clients: AtomicUsize,
+    pub idle_timeout_ms: AtomicU64,
+    pub max_bulk_bytes: AtomicUsize,
+    pub max_multibulk_len: AtomicUsize,
+    pub max_inline_bytes: AtomicUsize,
+    pub max_output_bytes: AtomicUsize,
+    pub max_pipeline: AtomicUsize,
+}
+
+impl Runtime {
+    pub fn apply(&self, c: &Config) {
+        self.max_clients.store(c.server.max_clients, Ordering::Relaxed);
+        self.idle_timeout_ms.store(c.server.idle_timeout_ms, Ordering::Relaxed);
+        self.max_bulk_bytes.store(c.limits.max_bulk_bytes, Ordering::Relaxed);
+        self.max_multibulk_len.store(c.limits.max_multibulk_len, Ordering::Relaxed);
+        self.max_inline_bytes.store(c.limits.max_inline_bytes, Ordering::Relaxed);
+        self.max_output_bytes.store(c.limits.max_output_bytes, Ordering::Relaxed);
+        self.max_pipeline.store(c.limits.max_pipeline, Ordering::Relaxed);
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_bulk_bytes: self.max_bulk_bytes.load(Ordering::Relaxed),
+            max_multibulk_len: self.max_multibulk_len.load(Ordering::Relaxed),
+            max_inline_bytes: self.max_inline_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        let ms = self.idle_timeout_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+}
+
+/// One connected client, for `PROXY CLIENTS`.
+#[derive(Debug)]
+pub struct ClientEntry {
+    pub id: u64,
+    pub addr: String,
+    pub since: Instant,
+    pub commands: AtomicU64,
+    pub pinned: AtomicBool,
+}
+
+pub struct Shared {
+    pub config: RwLock<Arc<Config>>,
+    pub rt: Runtime,
+    pub metrics: Arc<Metrics>,
+    pub backend: Backend,
+    pub clients: DashMap<u64, Arc<ClientEntry>>,
+    pub next_id: AtomicU64,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+    /// Cancelled when the listener stops accepting (drain phase).
+    pub draining: CancellationToken,
+    pub listen_addr: SocketAddr,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    /// Applies a new configuration: the reloadable subset takes effect now;
+    /// other changed keys are reported and need a restart.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let old = self.config();
+        let mut restart = Vec::new();
+        let mut diff = |name: &str, a: String, b: String| {
+            if a != b {
+                restart.push(name.to_string());
+            }
+        };
+        diff("server.listen", old.server.listen.clone(), new.server.listen.clone());
+        diff("upstream.url", old.upstream.url.clone(), new.upstream.url.clone());
+        diff("upstream.pool_size", old.upstream.pool_size.to_string(), new.upstream.pool_size.to_string());
+        diff("metrics.listen", old.metrics.listen.clone(), new.metrics.listen.clone());
+        self.rt.apply(&new);
+        if let Backend::Upstream(u) = &self.backend {
+            u.set_timeout_ms(new.upstream.timeout_ms);
+        }
+        crate::logging::set_level(&new.log.level);
+        *self.config.write().unwrap() = Arc::new(new);
+        restart
+    }
+}
+
+/// Keys `PROXY CONFIG SET` may change at runtime.
+pub const RELOADABLE: &[&str] = &[
+    "server.max_clients",
+    "server.idle_timeout_ms",
+    "server.shutdown_grace_ms",
+    "upstream.timeout_ms",
+    "limits.max_bulk_bytes",
+    "limits.max_multibulk_len",
+    "limits.max_inline_bytes",
+    "limits.max_output_bytes",
+    "limits.max_pipeline",
+    "log.level",
+];
+
+/// Decides between Redis and the in-process store.
+async fn choose_backend(cfg: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<Backend, String> {
+    if cfg.upstream.fallback == Fallback::Local {
+        tracing::warn!("upstream.fallback = \"local\": serving from an IN-PROCESS store; nothing is written to Redis");
+        return Ok(Backend::Local(Arc::new(LocalStore::new(16))));
+    }
+    if !cfg.meta.upstream_explicit {
+        let url = cfg.upstream_url()?;
+        let probe = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
+        )
+        .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            tracing::warn!(
+                "NO REDIS at {} and no upstream configured: serving strings and keys from an IN-PROCESS store. \
+                 Data lives only in this process and is never written to Redis. \
+                 Configure upstream.url (or --upstream) to use Redis.",
+                url.redacted()
+            );
+            return Ok(Backend::Local(Arc::new(LocalStore::new(16))));
+        }
+    }
+    Ok(Backend::Upstream(Upstream::new(cfg, metrics, shutdown)?))
+}
+
+/// A running proxy (also used by tests that embed it).
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the listeners and starts serving. Returns once ready.
+pub async fn start(cfg: Config) -> Result<Running, String> {
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let listener = TcpListener::bind(&cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let backend = choose_backend(&cfg, metrics.clone(), shutdown.clone()).await?;
+    if let Backend::Upstream(u) = &backend {
+        // Give the pool a moment so the first clients do not see "connecting";
+        // serving starts regardless (Redis may be down: that is reported).
+        u.wait_ready(Duration::from_millis(500)).await;
+    }
+    let mut metrics_addr = None;
+    if !cfg.metrics.listen.is_empty() {
+        let ml = TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (metrics): {e}", cfg.metrics.listen))?;
+        metrics_addr = ml.local_addr().ok();
+        if let Some(handle) = crate::metrics::install_prometheus() {
+            let up = match &backend {
+                Backend::Upstream(u) => Some(u.clone()),
+                Backend::Local(_) => None,
+            };
+            tokio::spawn(crate::metrics::serve(ml, handle, up, shutdown.clone()));
+        }
+    }
+    let rt = Runtime::default();
+    rt.apply(&cfg);
+    let shared = Arc::new(Shared {
+        config: RwLock::new(Arc::new(cfg)),
+        rt,
+        metrics,
+        backend,
+        clients: DashMap::new(),
+        next_id: AtomicU64::new(1),
+        started: Instant::now(),
+        shutdown: shutdown.clone(),
+        draining: CancellationToken::new(),
+        listen_addr: addr,
+    });
+    if let Backend::Local(store) = &shared.backend {
+        let store = store.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! { _ = iv.tick() => { store.sweep_expired(); } _ = sd.cancelled() => return }
+            }
+        });
+    }
+    let done = tokio::spawn(accept_loop(listener, shared.clone()));
+    tracing::info!(listen = %addr, metrics = ?metrics_addr, "respite ready");
+    Ok(Running { shared, addr, metrics_addr, done })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.draining.cancelled() => return,
+        };
+        sock.set_nodelay(true).ok();
+        let max = shared.rt.max_clients.load(Ordering::Relaxed);
+        if shared.clients.len() >= max {
+            shared.metrics.client_rejected("max_clients");
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut sock = sock;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    sock.write_all(b"-ERR max number of clients reached\r\n"),
+                )
+                .await;
+            });
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(ClientEntry {
+            id,
+            addr: peer.to_string(),
+            since: Instant::now(),
+            commands: AtomicU64::new(0),
+            pinned: AtomicBool::new(false),
+        });
+        shared.clients.insert(id, entry.clone());
+        shared.metrics.client_connected();
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            crate::session::run(sock, sh.clone(), entry).await;
+            sh.clients.remove(&id);
+            sh.metrics.client_disconnected();
+        });
+    }
+}
+
+impl Running {
+    /// Stops accepting, lets clients finish for up to the grace period, then
+    /// closes everything.
+    pub async fn drain(self) {
+        let grace = Duration::from_millis(self.shared.config().server.shutdown_grace_ms);
+        self.shared.draining.cancel();
+        let _ = self.done.await;
+        let deadline = Instant::now() + grace;
+        while !self.shared.clients.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.shared.clients.len();
+        if left > 0 {
+            tracing::warn!(clients = left, "grace period over; closing remaining connections");
+        }
+        self.shared.shutdown.cancel();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.shared.clients.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,736 @@
+//! One client connection.
+//!
+//! The reading half parses requests, classifies each and dispatches it; the
+//! writing half (its own task) sends replies back strictly in request order.
+//! Between them runs a bounded queue of reply *slots*: a ready reply, or a
+//! pending upstream batch. Consecutive pass-through commands of one read are
+//! one batch and one slot, their bytes forwarded as a single slice of the
+//! read buffer, so a pipeline costs one queue hop, not one per command.
+//!
+//! A session starts on shared upstream connections. A stateful command pins
+//! it to a dedicated connection for the rest of its life (Redis semantics
+//! exactly); a push-style command (SUBSCRIBE, MONITOR, ...) turns the session
+//! into a byte tunnel to a dedicated connection. Before either switch the
+//! session waits until every earlier reply has arrived, so commands still
+//! execute in the order the client sent them.
+
+use crate::command::{self, Class, Local};
+use crate::resp::{self, Parse};
+use crate::server::{Backend, ClientEntry, Shared};
+use crate::upstream::{Conn, OutBytes, ReplyRx, UpError};
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// How the writer post-processes an upstream reply before the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Post {
+    None,
+    /// Append the `# Proxy` section to an INFO reply.
+    Info,
+}
+
+enum Out<S> {
+    Ready(Bytes),
+    Up { rx: ReplyRx, count: u32, ids: Vec<u16>, start: Instant, post: Post },
+    /// Error replies for `count` commands that never reached Redis.
+    Failed { err: UpError, count: u32 },
+    /// Hand the write half back to the reader (for tunnelling).
+    Handoff(oneshot::Sender<WriteHalf<S>>),
+    /// Flush and close the connection (QUIT, protocol errors).
+    Close,
+}
+
+/// State both halves see.
+struct Link {
+    /// Slots queued and not yet written.
+    outstanding: AtomicUsize,
+    drained: Notify,
+    out: Arc<OutBytes>,
+    /// Cancelled when the writer ends (client gone or closing).
+    writer_done: tokio_util::sync::CancellationToken,
+}
+
+impl Link {
+    async fn wait_drained(&self) {
+        loop {
+            let n = self.drained.notified();
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Commands that the proxy answers or steers; every other reply comes from Redis.
+pub struct Session<S> {
+    id: u64,
+    shared: Arc<Shared>,
+    entry: Arc<ClientEntry>,
+    resp3: bool,
+    db: u32,
+    conn: Option<Conn>,
+    pinned: Option<(Conn, crate::upstream::Detach)>,
+    tx: mpsc::Sender<Out<S>>,
+    link: Arc<Link>,
+    quit: bool,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+    Tunnel { first: Bytes },
+}
+
+type Run = Option<(usize, usize, Vec<u16>)>;
+
+/// Runs a client connection to completion.
+pub async fn run<S>(stream: S, shared: Arc<Shared>, entry: Arc<ClientEntry>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let cap = shared.rt.max_pipeline.load(Ordering::Relaxed).max(1);
+    let (tx, rx) = mpsc::channel(cap);
+    let out = Arc::new(OutBytes::default());
+    out.cap.store(shared.rt.max_output_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    let link = Arc::new(Link {
+        outstanding: AtomicUsize::new(0),
+        drained: Notify::new(),
+        out,
+        writer_done: Default::default(),
+    });
+    let writer = tokio::spawn(writer(wr, rx, link.clone(), shared.clone()));
+    let db = match &shared.backend {
+        Backend::Upstream(u) => u.url.db,
+        Backend::Local(_) => 0,
+    };
+    let mut s = Session {
+        id: entry.id,
+        shared: shared.clone(),
+        entry,
+        resp3: false,
+        db,
+        conn: None,
+        pinned: None,
+        tx,
+        link: link.clone(),
+        quit: false,
+    };
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut need = 0usize;
+    let flow = loop {
+        if buf.len() >= need.max(1) {
+            need = 0;
+            match s.process(&mut buf, &mut need).await {
+                Flow::Continue => {}
+                other => break other,
+            }
+            if s.quit {
+                break Flow::Stop;
+            }
+        }
+        let want = need.saturating_sub(buf.len()).clamp(16 * 1024, 4 * 1024 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let idle = shared.rt.idle_timeout();
+        let read = async {
+            match idle {
+                Some(t) => match tokio::time::timeout(t, rd.read_buf(&mut buf)).await {
+                    Ok(r) => r.map(Some),
+                    Err(_) => Ok(None),
+                },
+                None => rd.read_buf(&mut buf).await.map(Some),
+            }
+        };
+        tokio::select! {
+            r = read => match r {
+                Ok(Some(0)) | Err(_) => break Flow::Stop,
+                Ok(Some(n)) => { s.shared.metrics.bytes(n, 0); }
+                Ok(None) => {
+                    // Idle with nothing in flight: close, as Redis' `timeout` does.
+                    if link.outstanding.load(Ordering::Acquire) == 0 {
+                        s.shared.metrics.error("idle_timeout");
+                        break Flow::Stop;
+                    }
+                }
+            },
+            _ = link.out.overflow.cancelled() => {
+                tracing::warn!(client = s.id, "client output buffer over limits.max_output_bytes; disconnecting");
+                s.shared.metrics.error("output_overflow");
+                break Flow::Stop;
+            }
+            _ = link.writer_done.cancelled() => break Flow::Stop,
+            _ = s.shared.draining.cancelled() => {
+                // Graceful shutdown: answer what was asked, then close.
+                link.wait_drained().await;
+                break Flow::Stop;
+            }
+            _ = s.shared.shutdown.cancelled() => {
+                break Flow::Stop;
+            }
+        }
+    };
+    match flow {
+        Flow::Tunnel { first } => {
+            let (htx, hrx) = oneshot::channel();
+            if s.tx.send(Out::Handoff(htx)).await.is_ok() {
+                if let Ok(wr) = hrx.await {
+                    s.tunnel(rd.unsplit(wr), first, buf).await;
+                }
+            }
+        }
+        _ => {
+            let _ = s.tx.send(Out::Close).await;
+            drop(s.tx);
+            let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+            if let Some((c, _)) = s.pinned.take() {
+                c.close();
+            }
+        }
+    }
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Parses and dispatches every complete request in `buf`.
+    async fn process(&mut self, buf: &mut BytesMut, need: &mut usize) -> Flow {
+        let limits = self.shared.rt.limits();
+        let mut parsed = Vec::new();
+        let mut off = 0;
+        let mut proto_err = None;
+        loop {
+            match resp::parse_request(&buf[off..], &limits) {
+                Ok(Parse::Complete(p)) => {
+                    let start = off;
+                    off += p.len;
+                    parsed.push((start, p));
+                }
+                Ok(Parse::Incomplete { need: n }) => {
+                    *need = off + n;
+                    break;
+                }
+                Err(e) => {
+                    proto_err = Some(e);
+                    break;
+                }
+            }
+        }
+        let chunk = buf.split_to(off).freeze();
+        if off > 0 {
+            *need = need.saturating_sub(off);
+        }
+        let mut run: Run = None;
+        for (i, (start, p)) in parsed.iter().enumerate() {
+            if p.args.is_empty() {
+                continue;
+            }
+            let raw = chunk.slice(*start..*start + p.len);
+            let args: Vec<Bytes> = if p.inline {
+                p.args.iter().map(|r| resp::inline_arg(&raw[r.clone()])).collect()
+            } else {
+                p.args.iter().map(|r| raw.slice(r.clone())).collect()
+            };
+            let id = command::lookup(&args);
+            let class = command::classify(&args, id);
+            self.entry.commands.fetch_add(1, Ordering::Relaxed);
+            if class == Class::Pass && !p.inline && self.pinned.is_none() && !self.is_local() {
+                let ids = &mut run.get_or_insert_with(|| (*start, *start, Vec::new())).2;
+                ids.push(id.unwrap_or(command::count()) as u16);
+                run.as_mut().unwrap().1 = *start + p.len;
+                continue;
+            }
+            self.flush_run(&chunk, &mut run).await;
+            // Inline requests are forwarded in RESP form.
+            let raw = if p.inline {
+                let mut b = BytesMut::new();
+                resp::encode_command(&args, &mut b);
+                b.freeze()
+            } else {
+                raw
+            };
+            match self.dispatch(class, id, &args, raw).await {
+                Flow::Continue => {}
+                Flow::Tunnel { first } => {
+                    // Whatever the client pipelined after the tunnelling command
+                    // goes upstream verbatim, ahead of unparsed bytes.
+                    let mut rest = BytesMut::from(&first[..]);
+                    if let Some((next_start, _)) = parsed.get(i + 1) {
+                        rest.extend_from_slice(&chunk[*next_start..]);
+                    }
+                    rest.extend_from_slice(buf);
+                    buf.clear();
+                    return Flow::Tunnel { first: rest.freeze() };
+                }
+                Flow::Stop => return Flow::Stop,
+            }
+            if self.quit {
+                return Flow::Continue;
+            }
+        }
+        self.flush_run(&chunk, &mut run).await;
+        if let Some(e) = proto_err {
+            self.shared.metrics.error("protocol");
+            tracing::debug!(client = self.id, error = %e, "protocol error; closing");
+            self.reply(resp::error_bytes(&e.0)).await;
+            self.quit = true;
+        }
+        Flow::Continue
+    }
+
+    fn is_local(&self) -> bool {
+        matches!(self.shared.backend, Backend::Local(_))
+    }
+
+    async fn push(&mut self, o: Out<S>) {
+        self.link.outstanding.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(o).await.is_err() {
+            self.quit = true;
+        }
+    }
+
+    async fn reply(&mut self, b: Bytes) {
+        self.push(Out::Ready(b)).await;
+    }
+
+    async fn flush_run(&mut self, chunk: &Bytes, run: &mut Run) {
+        if let Some((s, e, ids)) = run.take() {
+            self.forward(chunk.slice(s..e), ids, Post::None).await;
+        }
+    }
+
+    /// The connection this session's commands go to right now.
+    fn target(&mut self) -> Result<Conn, UpError> {
+        if let Some((c, _)) = &self.pinned {
+            return if c.is_dead() { Err(UpError::Lost) } else { Ok(c.clone()) };
+        }
+        if let Some(c) = &self.conn {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        let Backend::Upstream(up) = &self.shared.backend else {
+            return Err(UpError::Unavailable("no upstream (local mode)".into()));
+        };
+        let c = up.shared(self.resp3, self.id as usize)?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends raw commands upstream and queues their reply slot.
+    async fn forward(&mut self, data: Bytes, ids: Vec<u16>, post: Post) {
+        let count = ids.len() as u32;
+        let sent = self.target().and_then(|c| c.send(data, count, Some(self.link.out.clone())));
+        match sent {
+            Ok(rx) => self.push(Out::Up { rx, count, ids, start: Instant::now(), post }).await,
+            Err(err) => {
+                for id in &ids {
+                    self.shared.metrics.command(*id as usize, true, None);
+                }
+                if self.pinned.is_some() {
+                    // The connection that held this client's state is gone;
+                    // carrying on elsewhere would silently change semantics.
+                    self.quit = true;
+                }
+                self.push(Out::Failed { err, count }).await
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, class: Class, id: Option<usize>, args: &[Bytes], raw: Bytes) -> Flow {
+        let idx = id.unwrap_or(command::count());
+        let ids = vec![idx as u16];
+        if let Backend::Local(store) = &self.shared.backend {
+            if !matches!(class, Class::Local(_)) {
+                let store = store.clone();
+                let mut out = BytesMut::new();
+                let name = args[0].to_ascii_uppercase();
+                if crate::local::LocalStore::supports(&name) {
+                    store.execute(self.db as usize, args, self.resp3, &mut out);
+                } else {
+                    resp::error(
+                        &mut out,
+                        &format!(
+                            "ERR '{}' is not available: respite is running in local fallback mode without Redis",
+                            String::from_utf8_lossy(&args[0]).to_lowercase()
+                        ),
+                    );
+                }
+                self.shared.metrics.command(idx, out.first() == Some(&b'-'), None);
+                self.reply(out.freeze()).await;
+                return Flow::Continue;
+            }
+        }
+        match class {
+            Class::Pass => self.forward(raw, ids, Post::None).await,
+            Class::Pin => {
+                if self.pin().await {
+                    self.forward(raw, ids, Post::None).await;
+                }
+            }
+            Class::Tunnel => {
+                self.link.wait_drained().await;
+                return Flow::Tunnel { first: raw };
+            }
+            Class::Local(l) => return self.local(l, idx, args, raw).await,
+        }
+        Flow::Continue
+    }
+
+    /// Moves the session onto a dedicated upstream connection. Returns false
+    /// (after queueing an error reply) when none can be opened.
+    async fn pin(&mut self) -> bool {
+        if self.pinned.is_some() {
+            return true;
+        }
+        let Backend::Upstream(up) = &self.shared.backend else {
+            return false;
+        };
+        let up = up.clone();
+        self.link.wait_drained().await;
+        match up.dedicated_detachable(self.resp3).await {
+            Ok(pair) => {
+                self.pinned = Some(pair);
+                self.entry.pinned.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.error(e.kind());
+                self.push(Out::Failed { err: e, count: 1 }).await;
+                false
+            }
+        }
+    }
+
+    async fn local(&mut self, l: Local, idx: usize, args: &[Bytes], raw: Bytes) -> Flow {
+        let mut out = BytesMut::new();
+        match l {
+            Local::Quit => {
+                resp::simple(&mut out, "OK");
+                self.quit = true;
+            }
+            Local::Hello => {
+                if self.pinned.is_some() && !self.is_local() {
+                    if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
+                        if v == 2 || v == 3 {
+                            self.resp3 = v == 3;
+                        }
+                    }
+                    self.forward(raw, vec![idx as u16], Post::None).await;
+                    return Flow::Continue;
+                }
+                match self.hello(args, &mut out) {
+                    HelloOutcome::Done => {}
+                    HelloOutcome::NeedsUpstream => {
+                        if self.pin().await {
+                            if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
+                                self.resp3 = v == 3;
+                            }
+                            self.forward(raw, vec![idx as u16], Post::None).await;
+                        }
+                        return Flow::Continue;
+                    }
+                }
+            }
+            Local::Select => {
+                let want = args.get(1).and_then(|a| resp::parse_int(a));
+                if args.len() != 2 {
+                    resp::error(&mut out, "ERR wrong number of arguments for 'select' command");
+                } else if self.is_local() {
+                    match want {
+                        Some(n) if (0..16).contains(&n) => {
+                            self.db = n as u32;
+                            resp::simple(&mut out, "OK");
+                        }
+                        Some(_) => resp::error(&mut out, "ERR DB index is out of range"),
+                        None => resp::error(&mut out, "ERR value is not an integer or out of range"),
+                    }
+                } else if self.pinned.is_none() && want == Some(self.db as i64) {
+                    resp::simple(&mut out, "OK");
+                } else {
+                    if self.pin().await {
+                        self.forward(raw, vec![idx as u16], Post::None).await;
+                    }
+                    return Flow::Continue;
+                }
+            }
+            Local::Auth => {
+                if self.is_local() {
+                    resp::error(
+                        &mut out,
+                        "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                    );
+                } else {
+                    if self.pin().await {
+                        self.forward(raw, vec![idx as u16], Post::None).await;
+                    }
+                    return Flow::Continue;
+                }
+            }
+            Local::Reset => {
+                if let Some((c, _)) = self.pinned.take() {
+                    self.link.wait_drained().await;
+                    c.close();
+                    self.entry.pinned.store(false, Ordering::Relaxed);
+                }
+                self.resp3 = false;
+                self.conn = None;
+                self.db = match &self.shared.backend {
+                    Backend::Upstream(u) => u.url.db,
+                    Backend::Local(_) => 0,
+                };
+                resp::simple(&mut out, "RESET");
+            }
+            Local::Info => {
+                if !self.is_local() {
+                    let post = if crate::admin::info_wants_proxy(&args[1..]) { Post::Info } else { Post::None };
+                    self.forward(raw, vec![idx as u16], post).await;
+                    return Flow::Continue;
+                }
+                let mut text = String::from("# Server\r\nredis_version:respite-local\r\n\r\n");
+                text.push_str(&crate::admin::proxy_info(&self.shared));
+                resp::verbatim_txt(&mut out, text.as_bytes(), self.resp3);
+            }
+            Local::Proxy => {
+                crate::admin::proxy_command(&self.shared, args, self.resp3, &mut out);
+            }
+            Local::Ai => {
+                // Not built yet: Redis itself answers "unknown command".
+                self.forward(raw, vec![idx as u16], Post::None).await;
+                return Flow::Continue;
+            }
+        }
+        self.shared.metrics.command(idx, out.first() == Some(&b'-'), None);
+        self.reply(out.freeze()).await;
+        Flow::Continue
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]` on a shared session.
+    fn hello(&mut self, args: &[Bytes], out: &mut BytesMut) -> HelloOutcome {
+        let mut proto = if self.resp3 { 3 } else { 2 };
+        if let Some(v) = args.get(1) {
+            match resp::parse_int(v) {
+                Some(2) => proto = 2,
+                Some(3) => proto = 3,
+                Some(_) => {
+                    resp::error(out, "NOPROTO unsupported protocol version");
+                    return HelloOutcome::Done;
+                }
+                None => {
+                    resp::error(out, "ERR Protocol version is not an integer or out of range");
+                    return HelloOutcome::Done;
+                }
+            }
+        }
+        let mut i = 2;
+        while i < args.len() {
+            let opt = args[i].to_ascii_uppercase();
+            let more = args.len() - i - 1;
+            if opt == b"AUTH" && more >= 2 {
+                if self.is_local() {
+                    resp::error(out, "WRONGPASS invalid username-password pair or user is disabled.");
+                    return HelloOutcome::Done;
+                }
+                return HelloOutcome::NeedsUpstream;
+            } else if opt == b"SETNAME" && more >= 1 {
+                if self.is_local() {
+                    i += 2;
+                    continue;
+                }
+                return HelloOutcome::NeedsUpstream;
+            } else {
+                resp::error(
+                    out,
+                    &format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i])),
+                );
+                return HelloOutcome::Done;
+            }
+        }
+        self.resp3 = proto == 3;
+        self.conn = None;
+        let version = match &self.shared.backend {
+            Backend::Upstream(u) => u.health.version.lock().unwrap().clone(),
+            Backend::Local(_) => "7.0.0".to_string(),
+        };
+        resp::map_header(out, 7, self.resp3);
+        resp::bulk(out, b"server");
+        resp::bulk(out, b"redis");
+        resp::bulk(out, b"version");
+        resp::bulk(out, version.as_bytes());
+        resp::bulk(out, b"proto");
+        resp::int(out, proto);
+        resp::bulk(out, b"id");
+        resp::int(out, self.id as i64);
+        resp::bulk(out, b"mode");
+        resp::bulk(out, b"standalone");
+        resp::bulk(out, b"role");
+        resp::bulk(out, b"master");
+        resp::bulk(out, b"modules");
+        resp::array_header(out, 0);
+        HelloOutcome::Done
+    }
+
+    /// Bytes both ways between the client and a dedicated upstream
+    /// connection until either side closes.
+    async fn tunnel(mut self, client: S, first: Bytes, _rest: BytesMut) {
+        let up = match self.pinned.take() {
+            Some((_, detach)) => detach.detach().await.map_err(|e| e.to_string()),
+            None => match &self.shared.backend {
+                Backend::Upstream(u) => u.dedicated_stream(self.resp3).await.map_err(|e| e.to_string()),
+                Backend::Local(_) => Err("subscriptions are not available in local mode".into()),
+            },
+        };
+        let mut client = client;
+        let mut upstream = match up {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = client.write_all(&resp::error_bytes(&format!("TRYAGAIN upstream unavailable ({e})"))).await;
+                return;
+            }
+        };
+        self.entry.pinned.store(true, Ordering::Relaxed);
+        if upstream.write_all(&first).await.is_err() {
+            return;
+        }
+        let shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Ok((a, b)) = r {
+                    self.shared.metrics.bytes(a as usize, b as usize);
+                }
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+enum HelloOutcome {
+    Done,
+    NeedsUpstream,
+}
+
+/// Writes replies in order. Small replies are coalesced into one write;
+/// large ones are written from their own buffers.
+async fn writer<S>(mut w: WriteHalf<S>, mut rx: mpsc::Receiver<Out<S>>, link: Arc<Link>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let metrics = shared.metrics.clone();
+    const DIRECT: usize = 64 * 1024;
+    macro_rules! flush {
+        () => {
+            if !buf.is_empty() {
+                if w.write_all(&buf).await.is_err() {
+                    break;
+                }
+                metrics.bytes(0, buf.len());
+                buf.clear();
+                buf.shrink_to(1 << 20);
+            }
+        };
+    }
+    loop {
+        let item = match rx.try_recv() {
+            Ok(i) => i,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                flush!();
+                match rx.recv().await {
+                    Some(i) => i,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        match item {
+            Out::Ready(b) => {
+                if b.len() >= DIRECT {
+                    flush!();
+                    if w.write_all(&b).await.is_err() {
+                        break;
+                    }
+                    metrics.bytes(0, b.len());
+                } else {
+                    buf.extend_from_slice(&b);
+                }
+            }
+            Out::Failed { err, count } => {
+                metrics.error(err.kind());
+                let line = resp::error_bytes(&err.to_string());
+                for _ in 0..count {
+                    buf.extend_from_slice(&line);
+                }
+            }
+            Out::Up { mut rx, count, ids, start, post } => {
+                let res = match rx.try_recv() {
+                    Ok(r) => Ok(r),
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        flush!();
+                        rx.await.map_err(|_| ())
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Err(()),
+                };
+                let res = res.unwrap_or(Err(UpError::Lost));
+                let elapsed = start.elapsed();
+                match res {
+                    Ok(reply) => {
+                        for (i, id) in ids.iter().enumerate() {
+                            let err = i < 64 && reply.errors & (1 << i) != 0;
+                            metrics.command(*id as usize, err, Some(elapsed));
+                        }
+                        let n = reply.data.len();
+                        let data = match post {
+                            Post::None => reply.data,
+                            Post::Info => crate::admin::append_proxy_info(&reply.data, &shared),
+                        };
+                        if data.len() >= DIRECT {
+                            flush!();
+                            if w.write_all(&data).await.is_err() {
+                                link.out.sub(n);
+                                break;
+                            }
+                            metrics.bytes(0, data.len());
+                        } else {
+                            buf.extend_from_slice(&data);
+                        }
+                        link.out.sub(n);
+                    }
+                    Err(err) => {
+                        for id in &ids {
+                            metrics.command(*id as usize, true, Some(elapsed));
+                        }
+                        metrics.error(err.kind());
+                        let line = resp::error_bytes(&err.to_string());
+                        for _ in 0..count {
+                            buf.extend_from_slice(&line);
+                        }
+                    }
+                }
+            }
+            Out::Handoff(tx) => {
+                flush!();
+                let _ = tx.send(w);
+                return;
+            }
+            Out::Close => {
+                flush!();
+                let _ = w.shutdown().await;
+                break;
+            }
+        }
+        if link.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            link.drained.notify_waiters();
+        }
+    }
+    // The client is gone or closing: wake a reader waiting for a drain.
+    link.outstanding.store(0, Ordering::Release);
+    link.drained.notify_waiters();
+    link.writer_done.cancel();
+}

@@ -1,0 +1,656 @@
+//! Upstream connections to Redis.
+//!
+//! Shared connections are multiplexed and pipelined (the twemproxy model):
+//! every session sends *batches* (one or more complete commands as raw
+//! bytes) into a connection's queue; the writer task concatenates all
+//! queued batches into one socket write and the reader task cuts the reply
+//! stream into the same batches, in order, without decoding the frames. One
+//! upstream write and one read thus serve many clients, which is what lets a
+//! proxy keep up with direct access on a small machine.
+//!
+//! A pool slot is owned by a supervisor task that reconnects with backoff
+//! and jitter; while a slot is down, sessions get an immediate error instead
+//! of waiting. A watchdog fails a connection whose oldest request is older
+//! than `upstream.timeout_ms`, which bounds every wait when Redis hangs.
+
+use crate::config::{Config, UpstreamUrl};
+use crate::metrics::Metrics;
+use crate::resp::{self, FrameScanner};
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Any byte stream to Redis (plain TCP now, TLS later).
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+pub type UpStream = Box<dyn AsyncStream>;
+
+/// Why an upstream request failed; each becomes one error reply per command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpError {
+    #[error("TRYAGAIN upstream unavailable ({0})")]
+    Unavailable(String),
+    #[error("ERR upstream connection lost before the reply; the command may or may not have been executed")]
+    Lost,
+    #[error("ERR upstream timeout: no reply within {0} ms; connection reset")]
+    Timeout(u64),
+    #[error("ERR upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpError::Unavailable(_) => "upstream_unavailable",
+            UpError::Lost => "upstream_lost",
+            UpError::Timeout(_) => "upstream_timeout",
+            UpError::Protocol(_) => "upstream_protocol",
+        }
+    }
+}
+
+/// The replies to one batch: the raw frames, back to back, plus a bit per
+/// frame (first 64) telling whether it was an error, for metrics.
+#[derive(Debug)]
+pub struct Reply {
+    pub data: Bytes,
+    pub errors: u64,
+}
+
+pub type ReplyRx = oneshot::Receiver<Result<Reply, UpError>>;
+
+/// Counts reply bytes that reached a session but are not yet written to its
+/// client; the session disconnects a client that lets it grow past its cap.
+#[derive(Debug, Default)]
+pub struct OutBytes {
+    pub pending: AtomicUsize,
+    pub overflow: CancellationToken,
+    pub cap: AtomicUsize,
+}
+
+impl OutBytes {
+    pub fn add(&self, n: usize) {
+        let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
+        if now > self.cap.load(Ordering::Relaxed) {
+            self.overflow.cancel();
+        }
+    }
+    pub fn sub(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+struct Batch {
+    data: Bytes,
+    count: u32,
+    tx: oneshot::Sender<Result<Reply, UpError>>,
+    out: Option<Arc<OutBytes>>,
+}
+
+struct Inflight {
+    count: u32,
+    tx: oneshot::Sender<Result<Reply, UpError>>,
+    out: Option<Arc<OutBytes>>,
+    sent: Instant,
+}
+
+/// A handle to one live upstream connection. Cloning is cheap.
+#[derive(Clone)]
+pub struct Conn {
+    tx: mpsc::UnboundedSender<Batch>,
+    dead: CancellationToken,
+}
+
+impl Conn {
+    /// Queues `count` complete commands; the receiver yields their replies.
+    pub fn send(&self, data: Bytes, count: u32, out: Option<Arc<OutBytes>>) -> Result<ReplyRx, UpError> {
+        let (tx, rx) = oneshot::channel();
+        if self.dead.is_cancelled() {
+            return Err(UpError::Lost);
+        }
+        self.tx.send(Batch { data, count, tx, out }).map_err(|_| UpError::Lost)?;
+        Ok(rx)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_cancelled()
+    }
+
+    /// Resolves when the connection has died.
+    pub async fn closed(&self) {
+        self.dead.cancelled().await
+    }
+
+    /// Closes the connection (in-flight requests fail).
+    pub fn close(&self) {
+        self.dead.cancel();
+    }
+}
+
+/// What a new connection sets up before it carries traffic.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    pub resp3: bool,
+    pub db: u32,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub name: &'static str,
+}
+
+/// Opens a stream and runs the handshake. Returns the stream ready for use
+/// and the server's version.
+pub async fn open_stream(
+    url: &UpstreamUrl,
+    hs: &Handshake,
+    connect_timeout: Duration,
+) -> Result<(UpStream, String), String> {
+    let fut = async {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
+        tcp.set_nodelay(true).ok();
+        if url.tls {
+            return Err("rediss:// (TLS to the upstream) is not supported by this build yet".to_string());
+        }
+        let mut s: UpStream = Box::new(tcp);
+        let version = handshake(&mut s, hs).await?;
+        Ok((s, version))
+    };
+    tokio::time::timeout(connect_timeout, fut)
+        .await
+        .map_err(|_| format!("connect to {}:{} timed out", url.host, url.port))?
+}
+
+/// HELLO (protocol and credentials in one round trip), SELECT and a client
+/// name, pipelined. Requires Redis >= 6.
+async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
+    let mut out = BytesMut::new();
+    let proto: &[u8] = if hs.resp3 { b"3" } else { b"2" };
+    let mut hello: Vec<&[u8]> = vec![b"HELLO", proto];
+    if let Some(p) = hs.password.as_deref() {
+        let user = hs.user.as_deref().unwrap_or("default");
+        hello.extend([&b"AUTH"[..], user.as_bytes(), p.as_bytes()]);
+    }
+    resp::encode_command(&hello, &mut out);
+    let mut n = 1;
+    if hs.db != 0 {
+        resp::encode_command(&[b"SELECT".as_slice(), hs.db.to_string().as_bytes()], &mut out);
+        n += 1;
+    }
+    resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", hs.name.as_bytes()], &mut out);
+    n += 1;
+    s.write_all(&out).await.map_err(|e| format!("handshake write: {e}"))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut sc = FrameScanner::new();
+    let mut version = String::new();
+    for i in 0..n {
+        let end = loop {
+            if let Some(end) = sc.next_frame(&buf).map_err(|e| e.to_string())? {
+                break end;
+            }
+            if s.read_buf(&mut buf).await.map_err(|e| format!("handshake read: {e}"))? == 0 {
+                return Err("upstream closed the connection during the handshake".into());
+            }
+        };
+        let frame = buf.split_to(end);
+        sc.reset();
+        if frame.first() == Some(&b'-') {
+            let msg = String::from_utf8_lossy(&frame[1..frame.len() - 2]).into_owned();
+            // CLIENT SETNAME is cosmetic: a server whose ACL forbids it
+            // still carries traffic.
+            if i + 1 == n {
+                continue;
+            }
+            return Err(format!("handshake refused: {msg}"));
+        }
+        if i == 0 {
+            version = hello_version(&frame).unwrap_or_default();
+        }
+    }
+    Ok(version)
+}
+
+/// The value after the "version" key of a HELLO reply (map or flat array).
+fn hello_version(frame: &[u8]) -> Option<String> {
+    let key = b"$7\r\nversion\r\n";
+    let at = frame.windows(key.len()).position(|w| w == key)? + key.len();
+    let v = resp::bulk_payload(&frame[at..])?;
+    Some(String::from_utf8_lossy(v).into_owned())
+}
+
+/// Starts the writer, reader and watchdog tasks of a connection.
+pub fn spawn_conn(stream: UpStream, timeout: Option<Duration>, metrics: Arc<Metrics>) -> Conn {
+    spawn_detachable(stream, timeout, metrics).0
+}
+
+/// Takes a dedicated connection back from its tasks, so a pinned session can
+/// turn into a tunnel on the very connection that holds its state.
+pub struct Detach {
+    stop: CancellationToken,
+    writer: tokio::task::JoinHandle<Option<tokio::io::WriteHalf<UpStream>>>,
+    reader: tokio::task::JoinHandle<Option<tokio::io::ReadHalf<UpStream>>>,
+}
+
+impl Detach {
+    /// Stops the tasks and returns the stream. Call only with nothing in
+    /// flight; fails when the connection already died.
+    pub async fn detach(self) -> Result<UpStream, UpError> {
+        self.stop.cancel();
+        let w = self.writer.await.ok().flatten().ok_or(UpError::Lost)?;
+        let r = self.reader.await.ok().flatten().ok_or(UpError::Lost)?;
+        Ok(r.unsplit(w))
+    }
+}
+
+fn spawn_detachable(stream: UpStream, timeout: Option<Duration>, metrics: Arc<Metrics>) -> (Conn, Detach) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dead = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::default();
+    let (r, w) = tokio::io::split(stream);
+    let writer = tokio::spawn(writer(w, rx, inflight.clone(), dead.clone(), stop.clone()));
+    let reader = tokio::spawn(reader(r, inflight.clone(), dead.clone(), stop.clone(), metrics));
+    if let Some(t) = timeout {
+        tokio::spawn(watchdog(inflight, dead.clone(), t));
+    }
+    (Conn { tx, dead }, Detach { stop, writer, reader })
+}
+
+/// Batches larger than this are written straight from their buffer instead
+/// of being copied into the coalescing buffer.
+const COPY_LIMIT: usize = 64 * 1024;
+
+async fn writer(
+    mut w: tokio::io::WriteHalf<UpStream>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    inflight: Arc<Mutex<VecDeque<Inflight>>>,
+    dead: CancellationToken,
+    stop: CancellationToken,
+) -> Option<tokio::io::WriteHalf<UpStream>> {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut big: Vec<Bytes> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            b = rx.recv() => match b { Some(b) => b, None => break },
+            _ = dead.cancelled() => break,
+            _ = stop.cancelled() => return Some(w),
+        };
+        let now = Instant::now();
+        let mut next = Some(first);
+        {
+            let mut q = inflight.lock().unwrap();
+            while let Some(b) = next.take() {
+                q.push_back(Inflight { count: b.count, tx: b.tx, out: b.out, sent: now });
+                if b.data.len() >= COPY_LIMIT {
+                    // Keep order: flush what was copied so far first.
+                    if !buf.is_empty() {
+                        big.push(Bytes::from(std::mem::take(&mut buf)));
+                    }
+                    big.push(b.data);
+                } else {
+                    buf.extend_from_slice(&b.data);
+                }
+                if buf.len() + big.len() * COPY_LIMIT < 1024 * 1024 {
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        let mut ok = true;
+        for part in big.drain(..) {
+            if w.write_all(&part).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok && !buf.is_empty() {
+            ok = w.write_all(&buf).await.is_ok();
+        }
+        buf.clear();
+        if buf.capacity() > 1024 * 1024 {
+            buf = Vec::with_capacity(16 * 1024);
+        }
+        if !ok {
+            break;
+        }
+    }
+    dead.cancel();
+    rx.close();
+    None
+}
+
+/// Progress of the reader through the reply stream.
+#[derive(Default)]
+struct Cut {
+    scanner: FrameScanner,
+    /// Frames of the head batch already complete.
+    done: u32,
+    /// Where the next frame of the head batch starts.
+    frame_start: usize,
+    errors: u64,
+}
+
+impl Cut {
+    /// Hands out every batch whose replies are complete in `buf`.
+    fn drain(
+        &mut self,
+        buf: &mut BytesMut,
+        inflight: &Mutex<VecDeque<Inflight>>,
+        metrics: &Metrics,
+    ) -> Result<(), UpError> {
+        loop {
+            let head = inflight.lock().unwrap().front().map(|f| f.count);
+            let end = match self.scanner.next_frame(&buf[self.frame_start..]) {
+                Ok(Some(end)) => end,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(UpError::Protocol(e.0)),
+            };
+            let kind = self.scanner.frame_type();
+            self.scanner.reset();
+            if kind == b'>' {
+                // Pushes belong to no request (shared connections never
+                // subscribe or track, so these are stray): drop them.
+                let tail = buf.split_off(self.frame_start + end);
+                buf.truncate(self.frame_start);
+                buf.unsplit(tail);
+                continue;
+            }
+            let Some(count) = head else {
+                return Err(UpError::Protocol("reply without a request".into()));
+            };
+            if matches!(kind, b'-' | b'!') && self.done < 64 {
+                self.errors |= 1 << self.done;
+            }
+            self.done += 1;
+            self.frame_start += end;
+            if self.done == count {
+                let data = buf.split_to(self.frame_start).freeze();
+                // The watchdog may have failed the queue meanwhile.
+                let Some(f) = inflight.lock().unwrap().pop_front() else {
+                    return Err(UpError::Lost);
+                };
+                metrics.upstream_latency(f.sent.elapsed());
+                if let Some(o) = &f.out {
+                    o.add(data.len());
+                }
+                let _ = f.tx.send(Ok(Reply { data, errors: self.errors }));
+                self.done = 0;
+                self.frame_start = 0;
+                self.errors = 0;
+            }
+        }
+    }
+}
+
+async fn reader(
+    mut r: tokio::io::ReadHalf<UpStream>,
+    inflight: Arc<Mutex<VecDeque<Inflight>>>,
+    dead: CancellationToken,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Option<tokio::io::ReadHalf<UpStream>> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut cut = Cut::default();
+    let reason = loop {
+        if let Err(e) = cut.drain(&mut buf, &inflight, &metrics) {
+            break e;
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            n = r.read_buf(&mut buf) => match n {
+                Ok(0) | Err(_) => break UpError::Lost,
+                Ok(_) => {}
+            },
+            _ = dead.cancelled() => {
+                // Closed on purpose (session ended, shutdown, watchdog):
+                // not an upstream failure unless requests were waiting.
+                if inflight.lock().unwrap().is_empty() {
+                    return None;
+                }
+                break UpError::Lost;
+            }
+            _ = stop.cancelled() => {
+                if buf.is_empty() && inflight.lock().unwrap().is_empty() {
+                    return Some(r);
+                }
+                break UpError::Protocol("detached with replies outstanding".into());
+            }
+        }
+    };
+    dead.cancel();
+    metrics.upstream_error(reason.kind());
+    let pending: Vec<Inflight> = inflight.lock().unwrap().drain(..).collect();
+    for f in pending {
+        let _ = f.tx.send(Err(reason.clone()));
+    }
+    None
+}
+
+async fn watchdog(inflight: Arc<Mutex<VecDeque<Inflight>>>, dead: CancellationToken, timeout: Duration) {
+    let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut iv = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = dead.cancelled() => return,
+        }
+        let expired = {
+            let q = inflight.lock().unwrap();
+            q.front().is_some_and(|f| f.sent.elapsed() > timeout)
+        };
+        if expired {
+            let pending: Vec<Inflight> = inflight.lock().unwrap().drain(..).collect();
+            for f in pending {
+                let _ = f.tx.send(Err(UpError::Timeout(timeout.as_millis() as u64)));
+
+            }
+            dead.cancel();
+            return;
+        }
+    }
+}
+
+/// Health of the upstream as a whole, for INFO, PROXY UPSTREAM and metrics.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub up: AtomicBool,
+    pub connected: AtomicUsize,
+    pub reconnects: AtomicU64,
+    pub last_error: Mutex<String>,
+    pub last_change: Mutex<Option<Instant>>,
+    /// `redis_version` reported by the upstream's HELLO.
+    pub version: Mutex<String>,
+}
+
+struct Slot {
+    conn: Mutex<Option<Conn>>,
+}
+
+/// Shared connections for one protocol version.
+struct Pool {
+    slots: Vec<Slot>,
+    started: AtomicBool,
+}
+
+/// All upstream access: the shared pools (RESP2 and RESP3, the latter
+/// started on first use) and dedicated connections for pinned sessions.
+pub struct Upstream {
+    pub url: UpstreamUrl,
+    pools: [Pool; 2],
+    pub health: Health,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    timeout_ms: AtomicU64,
+    backoff: (Duration, Duration),
+    shutdown: CancellationToken,
+}
+
+impl Upstream {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<Arc<Self>, String> {
+        let url = cfg.upstream_url()?;
+        let mk = || Pool {
+            slots: (0..cfg.upstream.pool_size).map(|_| Slot { conn: Mutex::new(None) }).collect(),
+            started: AtomicBool::new(false),
+        };
+        let up = Arc::new(Upstream {
+            url,
+            pools: [mk(), mk()],
+            health: Health::default(),
+            metrics,
+            connect_timeout: Duration::from_millis(cfg.upstream.connect_timeout_ms),
+            timeout_ms: AtomicU64::new(cfg.upstream.timeout_ms),
+            backoff: (
+                Duration::from_millis(cfg.upstream.reconnect_min_ms),
+                Duration::from_millis(cfg.upstream.reconnect_max_ms),
+            ),
+            shutdown,
+        });
+        up.ensure_pool(false);
+        Ok(up)
+    }
+
+    pub fn set_timeout_ms(&self, ms: u64) {
+        self.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        let ms = self.timeout_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    fn handshake(&self, resp3: bool) -> Handshake {
+        Handshake {
+            resp3,
+            db: self.url.db,
+            user: self.url.user.clone(),
+            password: self.url.password.clone(),
+            name: "respite",
+        }
+    }
+
+    fn ensure_pool(self: &Arc<Self>, resp3: bool) {
+        let pool = &self.pools[resp3 as usize];
+        if pool.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for i in 0..pool.slots.len() {
+            let me = self.clone();
+            tokio::spawn(async move { me.supervise(resp3, i).await });
+        }
+    }
+
+    /// Keeps one pool slot connected for the life of the process.
+    async fn supervise(self: Arc<Self>, resp3: bool, slot: usize) {
+        let mut delay = self.backoff.0;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let hs = self.handshake(resp3);
+            match open_stream(&self.url, &hs, self.connect_timeout).await {
+                Ok((stream, version)) => {
+                    *self.health.version.lock().unwrap() = version;
+                    delay = self.backoff.0;
+                    let conn = spawn_conn(stream, self.timeout(), self.metrics.clone());
+                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() = Some(conn.clone());
+                    self.health.connected.fetch_add(1, Ordering::Relaxed);
+                    self.set_up(true, None);
+                    tokio::select! {
+                        _ = conn.closed() => {}
+                        _ = self.shutdown.cancelled() => { conn.close(); }
+                    }
+                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() = None;
+                    let left = self.health.connected.fetch_sub(1, Ordering::Relaxed) - 1;
+                    if left == 0 {
+                        self.set_up(false, Some("connection lost".into()));
+                    }
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!(upstream = %self.url.redacted(), "upstream connection lost; reconnecting");
+                }
+                Err(e) => {
+                    if self.health.connected.load(Ordering::Relaxed) == 0 {
+                        self.set_up(false, Some(e.clone()));
+                    }
+                    tracing::warn!(upstream = %self.url.redacted(), error = %e, retry_ms = delay.as_millis() as u64, "upstream connect failed");
+                }
+            }
+            self.health.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.metrics.upstream_reconnect();
+            let jitter = 0.5 + rand::random::<f64>() * 0.5;
+            tokio::select! {
+                _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            delay = (delay * 2).min(self.backoff.1);
+        }
+    }
+
+    fn set_up(&self, up: bool, err: Option<String>) {
+        let was = self.health.up.swap(up, Ordering::Relaxed);
+        if let Some(e) = err {
+            *self.health.last_error.lock().unwrap() = e;
+        }
+        if was != up {
+            *self.health.last_change.lock().unwrap() = Some(Instant::now());
+            self.metrics.upstream_up(up);
+            if up {
+                tracing::info!(upstream = %self.url.redacted(), "upstream available");
+            } else {
+                tracing::error!(upstream = %self.url.redacted(), "upstream unavailable");
+            }
+        }
+    }
+
+    /// A shared connection for a session, chosen by `hint` so one session
+    /// always uses the same connection (its commands then execute in order).
+    pub fn shared(self: &Arc<Self>, resp3: bool, hint: usize) -> Result<Conn, UpError> {
+        self.ensure_pool(resp3);
+        let pool = &self.pools[resp3 as usize];
+        let n = pool.slots.len();
+        for i in 0..n {
+            let slot = &pool.slots[(hint + i) % n];
+            if let Some(c) = slot.conn.lock().unwrap().as_ref() {
+                if !c.is_dead() {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let err = self.health.last_error.lock().unwrap().clone();
+        Err(UpError::Unavailable(if err.is_empty() { "connecting".into() } else { err }))
+    }
+
+    /// A new dedicated connection (no request timeout: it may carry blocking
+    /// commands).
+    pub async fn dedicated_detachable(&self, resp3: bool) -> Result<(Conn, Detach), UpError> {
+        let s = self.dedicated_stream(resp3).await?;
+        Ok(spawn_detachable(s, None, self.metrics.clone()))
+    }
+
+    pub async fn dedicated_stream(&self, resp3: bool) -> Result<UpStream, UpError> {
+        open_stream(&self.url, &self.handshake(resp3), self.connect_timeout)
+            .await
+            .map(|(s, _)| s)
+            .map_err(UpError::Unavailable)
+    }
+
+    /// Waits until at least one shared connection is up, or `within` passes.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.health.up.load(Ordering::Relaxed) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.health.up.load(Ordering::Relaxed)
+    }
+}
