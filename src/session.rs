@@ -307,7 +307,7 @@ where
     }
 
     /// The connection this session's commands go to right now.
-    fn target(&mut self) -> Result<Conn, UpError> {
+    async fn target(&mut self) -> Result<Conn, UpError> {
         if let Some((c, _)) = &self.pinned {
             return if c.is_dead() { Err(UpError::Lost) } else { Ok(c.clone()) };
         }
@@ -319,7 +319,8 @@ where
         let Backend::Upstream(up) = &self.shared.backend else {
             return Err(UpError::Unavailable("no upstream (local mode)".into()));
         };
-        let c = up.shared(self.resp3, self.id as usize)?;
+        let up = up.clone();
+        let c = up.shared(self.resp3, self.id as usize).await?;
         self.conn = Some(c.clone());
         Ok(c)
     }
@@ -327,7 +328,7 @@ where
     /// Sends raw commands upstream and queues their reply slot.
     async fn forward(&mut self, data: Bytes, ids: Vec<u16>, post: Post) {
         let count = ids.len() as u32;
-        let sent = self.target().and_then(|c| c.send(data, count, Some(self.link.out.clone())));
+        let sent = self.target().await.and_then(|c| c.send(data, count, Some(self.link.out.clone())));
         match sent {
             Ok(rx) => self.push(Out::Up { rx, count, ids, start: Instant::now(), post }).await,
             Err(err) => {

@@ -612,20 +612,32 @@ impl Upstream {
 
     /// A shared connection for a session, chosen by `hint` so one session
     /// always uses the same connection (its commands then execute in order).
-    pub fn shared(self: &Arc<Self>, resp3: bool, hint: usize) -> Result<Conn, UpError> {
+    ///
+    /// While Redis is known to be down this fails at once; while it is up
+    /// but this pool's connections are (re)connecting, it waits for them up
+    /// to the connect timeout.
+    pub async fn shared(self: &Arc<Self>, resp3: bool, hint: usize) -> Result<Conn, UpError> {
         self.ensure_pool(resp3);
+        let deadline = Instant::now() + self.connect_timeout;
+        loop {
+            if let Some(c) = self.pick(resp3, hint) {
+                return Ok(c);
+            }
+            if !self.health.up.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                let err = self.health.last_error.lock().unwrap().clone();
+                return Err(UpError::Unavailable(if err.is_empty() { "connecting".into() } else { err }));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn pick(&self, resp3: bool, hint: usize) -> Option<Conn> {
         let pool = &self.pools[resp3 as usize];
         let n = pool.slots.len();
-        for i in 0..n {
-            let slot = &pool.slots[(hint + i) % n];
-            if let Some(c) = slot.conn.lock().unwrap().as_ref() {
-                if !c.is_dead() {
-                    return Ok(c.clone());
-                }
-            }
-        }
-        let err = self.health.last_error.lock().unwrap().clone();
-        Err(UpError::Unavailable(if err.is_empty() { "connecting".into() } else { err }))
+        (0..n).find_map(|i| {
+            let slot = pool.slots[(hint + i) % n].conn.lock().unwrap();
+            slot.as_ref().filter(|c| !c.is_dead()).cloned()
+        })
     }
 
     /// A new dedicated connection (no request timeout: it may carry blocking

@@ -1,0 +1,287 @@
+//! The one test harness: real `redis-server` processes on free loopback
+//! ports and the real `respite` binary in front of them. Everything started
+//! here is stopped on drop; every network wait has a timeout.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not listen on {port} within {TIMEOUT:?}");
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts on a given port (used to restart a server where it was).
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("respite-test-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--enable-debug-command", "local"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("redis-server must be installed (scripts/test installs it)");
+        wait_for_port(port, &mut child, "redis-server");
+        let s = RedisServer { port, child, dir };
+        // Listening is not ready: wait until it answers PING.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(mut c) = s.client().get_connection_with_timeout(Duration::from_secs(1)) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server never answered PING");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        conn_to(self.port)
+    }
+
+    /// Calls of one command recorded by the server (INFO commandstats).
+    pub fn calls(&self, cmd: &str) -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()).unwrap();
+        let key = format!("cmdstat_{}:calls=", cmd.to_lowercase());
+        info.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn conn_to(port: u16) -> redis::Connection {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let con = c.get_connection_with_timeout(TIMEOUT).expect("connect");
+    con.set_read_timeout(Some(TIMEOUT)).unwrap();
+    con.set_write_timeout(Some(TIMEOUT)).unwrap();
+    con
+}
+
+pub struct Proxy {
+    pub port: u16,
+    pub metrics_port: u16,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// respite in front of `upstream` with extra CLI arguments.
+    pub fn start(upstream: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--upstream".to_string(), upstream.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_args(&args)
+    }
+
+    pub fn start_args(args: &[String]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[String], env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let metrics_port = free_port();
+        let log = std::env::temp_dir().join(format!("respite-test-{port}.log"));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_respite"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(args)
+            .env_remove("RESPITE_LOG_LEVEL")
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        wait_for_port(port, &mut child, "respite");
+        Proxy { port, metrics_port, child: Some(child), log }
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        conn_to(self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap()
+    }
+
+    pub fn raw(&self) -> Raw {
+        Raw::connect(self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics")
+    }
+
+    /// Sends a signal and waits for exit; returns the exit status.
+    pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(Instant::now() < deadline, "respite did not exit after SIG{sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().unwrap();
+        Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A raw socket for exact-bytes tests.
+pub struct Raw {
+    pub s: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Self {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s }
+    }
+
+    pub fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Reads until exactly `expected.len()` bytes arrived and compares.
+    pub fn expect(&mut self, expected: &[u8]) {
+        let got = self.read_n(expected.len());
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expected),
+            "reply bytes differ"
+        );
+    }
+
+    pub fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        let mut off = 0;
+        while off < n {
+            match self.s.read(&mut got[off..]) {
+                Ok(0) => panic!("connection closed after {off} of {n} bytes: {:?}", String::from_utf8_lossy(&got[..off])),
+                Ok(m) => off += m,
+                Err(e) => panic!("read failed after {off} of {n} bytes ({e}): {:?}", String::from_utf8_lossy(&got[..off])),
+            }
+        }
+        got
+    }
+
+    /// Reads until the peer closes (or the timeout), returning everything.
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = self.s.read_to_end(&mut out);
+        out
+    }
+
+    /// True when the server closed the connection (EOF) within the timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.s.read(&mut b), Ok(0)) || matches!(self.s.read(&mut b), Ok(0))
+    }
+}
+
+/// Encodes a command as RESP.
+pub fn cmd_bytes(args: &[&[u8]]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        v.extend_from_slice(a);
+        v.extend_from_slice(b"\r\n");
+    }
+    v
+}
