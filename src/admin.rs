@@ -41,29 +41,65 @@ pub fn proxy_info(sh: &Shared) -> String {
     let mut s = String::from("# Proxy\r\n");
     let cfg = sh.config();
     let _ = write!(s, "proxy_version:{}\r\n", env!("CARGO_PKG_VERSION"));
-    let _ = write!(s, "proxy_uptime_in_seconds:{}\r\n", sh.started.elapsed().as_secs());
+    let _ = write!(
+        s,
+        "proxy_uptime_in_seconds:{}\r\n",
+        sh.started.elapsed().as_secs()
+    );
     let _ = write!(s, "proxy_listen:{}\r\n", sh.listen_addr);
     let _ = write!(s, "proxy_connected_clients:{}\r\n", sh.clients.len());
-    let _ = write!(s, "proxy_total_connections:{}\r\n", sh.metrics.clients_total.load(Ordering::Relaxed));
-    let _ = write!(s, "proxy_rejected_connections:{}\r\n", sh.metrics.rejected.load(Ordering::Relaxed));
-    let _ = write!(s, "proxy_total_commands:{}\r\n", sh.metrics.total_commands());
-    let _ = write!(s, "proxy_bytes_in:{}\r\n", sh.metrics.bytes_in.load(Ordering::Relaxed));
-    let _ = write!(s, "proxy_bytes_out:{}\r\n", sh.metrics.bytes_out.load(Ordering::Relaxed));
+    let _ = write!(
+        s,
+        "proxy_total_connections:{}\r\n",
+        sh.metrics.clients_total.load(Ordering::Relaxed)
+    );
+    let _ = write!(
+        s,
+        "proxy_rejected_connections:{}\r\n",
+        sh.metrics.rejected.load(Ordering::Relaxed)
+    );
+    let _ = write!(
+        s,
+        "proxy_total_commands:{}\r\n",
+        sh.metrics.total_commands()
+    );
+    let _ = write!(
+        s,
+        "proxy_bytes_in:{}\r\n",
+        sh.metrics.bytes_in.load(Ordering::Relaxed)
+    );
+    let _ = write!(
+        s,
+        "proxy_bytes_out:{}\r\n",
+        sh.metrics.bytes_out.load(Ordering::Relaxed)
+    );
     match &sh.backend {
         Backend::Upstream(u) => {
             let h = &u.health;
             let _ = write!(s, "proxy_backend:upstream\r\n");
             let _ = write!(s, "upstream_addr:{}\r\n", u.url.redacted());
             let _ = write!(s, "upstream_up:{}\r\n", h.up.load(Ordering::Relaxed) as u8);
-            let _ = write!(s, "upstream_shared_connections:{}\r\n", h.connected.load(Ordering::Relaxed));
-            let _ = write!(s, "upstream_reconnects:{}\r\n", h.reconnects.load(Ordering::Relaxed));
+            let _ = write!(
+                s,
+                "upstream_shared_connections:{}\r\n",
+                h.connected.load(Ordering::Relaxed)
+            );
+            let _ = write!(
+                s,
+                "upstream_reconnects:{}\r\n",
+                h.reconnects.load(Ordering::Relaxed)
+            );
         }
         Backend::Local(_) => {
             let _ = write!(s, "proxy_backend:local\r\n");
         }
     }
     let _ = write!(s, "l1_mode:{:?}\r\n", cfg.l1.mode);
-    let _ = write!(s, "compression_enabled:{}\r\n", cfg.compression.enabled as u8);
+    let _ = write!(
+        s,
+        "compression_enabled:{}\r\n",
+        cfg.compression.enabled as u8
+    );
     s
 }
 
@@ -126,7 +162,10 @@ pub fn glob(pattern: &[u8], s: &[u8]) -> bool {
 
 /// Executes `PROXY <sub> ...`.
 pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMut) {
-    let sub = args.get(1).map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+    let sub = args
+        .get(1)
+        .map(|a| a.to_ascii_uppercase())
+        .unwrap_or_default();
     let arg = |i: usize| args.get(i).map(|a| String::from_utf8_lossy(a).into_owned());
     match (&sub[..], args.len()) {
         (b"HELP", 2) => {
@@ -138,10 +177,22 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
         (b"INFO", 2) => lines_reply(out, &proxy_info(sh), resp3),
         (b"STATS", 2) => {
             let mut pairs = vec![
-                ("total_commands".to_string(), sh.metrics.total_commands().to_string()),
-                ("connected_clients".to_string(), sh.clients.len().to_string()),
-                ("bytes_in".to_string(), sh.metrics.bytes_in.load(Ordering::Relaxed).to_string()),
-                ("bytes_out".to_string(), sh.metrics.bytes_out.load(Ordering::Relaxed).to_string()),
+                (
+                    "total_commands".to_string(),
+                    sh.metrics.total_commands().to_string(),
+                ),
+                (
+                    "connected_clients".to_string(),
+                    sh.clients.len().to_string(),
+                ),
+                (
+                    "bytes_in".to_string(),
+                    sh.metrics.bytes_in.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "bytes_out".to_string(),
+                    sh.metrics.bytes_out.load(Ordering::Relaxed).to_string(),
+                ),
             ];
             let mut errs: Vec<(String, String)> = sh
                 .metrics
@@ -152,7 +203,10 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
             errs.sort();
             pairs.extend(errs);
             for (name, calls, errors) in sh.metrics.command_counts() {
-                pairs.push((format!("cmd:{}", name.to_ascii_lowercase()), format!("calls={calls},errors={errors}")));
+                pairs.push((
+                    format!("cmd:{}", name.to_ascii_lowercase()),
+                    format!("calls={calls},errors={errors}"),
+                ));
             }
             kv_reply(out, &pairs, resp3);
         }
@@ -168,15 +222,35 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
                         .unwrap_or_else(|| "-".into());
                     vec![
                         ("addr".to_string(), u.url.redacted()),
-                        ("status".to_string(), if h.up.load(Ordering::Relaxed) { "up" } else { "down" }.to_string()),
+                        (
+                            "status".to_string(),
+                            if h.up.load(Ordering::Relaxed) {
+                                "up"
+                            } else {
+                                "down"
+                            }
+                            .to_string(),
+                        ),
                         ("version".to_string(), h.version.lock().unwrap().clone()),
-                        ("shared_connections".to_string(), h.connected.load(Ordering::Relaxed).to_string()),
-                        ("reconnects".to_string(), h.reconnects.load(Ordering::Relaxed).to_string()),
+                        (
+                            "shared_connections".to_string(),
+                            h.connected.load(Ordering::Relaxed).to_string(),
+                        ),
+                        (
+                            "reconnects".to_string(),
+                            h.reconnects.load(Ordering::Relaxed).to_string(),
+                        ),
                         ("seconds_since_change".to_string(), since),
-                        ("last_error".to_string(), h.last_error.lock().unwrap().clone()),
+                        (
+                            "last_error".to_string(),
+                            h.last_error.lock().unwrap().clone(),
+                        ),
                     ]
                 }
-                Backend::Local(_) => vec![("status".to_string(), "local (in-process store, no Redis)".to_string())],
+                Backend::Local(_) => vec![(
+                    "status".to_string(),
+                    "local (in-process store, no Redis)".to_string(),
+                )],
             };
             kv_reply(out, &pairs, resp3);
         }
@@ -213,12 +287,19 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
 }
 
 fn config_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMut) {
-    let sub = args.get(2).map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+    let sub = args
+        .get(2)
+        .map(|a| a.to_ascii_uppercase())
+        .unwrap_or_default();
     match (&sub[..], args.len()) {
         (b"GET", 4) => {
             let pat = args[3].to_ascii_lowercase();
-            let pairs: Vec<(String, String)> =
-                sh.config().flat().into_iter().filter(|(k, _)| glob(&pat, k.as_bytes())).collect();
+            let pairs: Vec<(String, String)> = sh
+                .config()
+                .flat()
+                .into_iter()
+                .filter(|(k, _)| glob(&pat, k.as_bytes()))
+                .collect();
             kv_reply(out, &pairs, resp3);
         }
         (b"SET", 5) => {
@@ -227,7 +308,10 @@ fn config_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMut) 
             if !RELOADABLE.contains(&key.as_str()) {
                 resp::error(
                     out,
-                    &format!("ERR config key '{key}' cannot be changed at runtime (reloadable: {})", RELOADABLE.join(", ")),
+                    &format!(
+                        "ERR config key '{key}' cannot be changed at runtime (reloadable: {})",
+                        RELOADABLE.join(", ")
+                    ),
                 );
                 return;
             }
@@ -243,20 +327,30 @@ fn config_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMut) 
             Ok(restart) if restart.is_empty() => resp::simple(out, "OK"),
             Ok(restart) => resp::simple(
                 out,
-                &format!("OK (changes to {} take effect after a restart)", restart.join(", ")),
+                &format!(
+                    "OK (changes to {} take effect after a restart)",
+                    restart.join(", ")
+                ),
             ),
-            Err(e) => resp::error(out, &format!("ERR reload failed, configuration unchanged: {e}")),
+            Err(e) => resp::error(
+                out,
+                &format!("ERR reload failed, configuration unchanged: {e}"),
+            ),
         },
-        _ => resp::error(out, "ERR syntax: PROXY CONFIG GET <pattern> | SET <key> <value> | RELOAD"),
+        _ => resp::error(
+            out,
+            "ERR syntax: PROXY CONFIG GET <pattern> | SET <key> <value> | RELOAD",
+        ),
     }
 }
 
 /// A copy of `cfg` with one key changed, validated.
 fn with_override(cfg: &Config, key: &str, val: &str) -> Result<Config, String> {
-    let mut table: toml::Table =
-        toml::from_str(&toml::to_string(cfg).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let mut table: toml::Table = toml::from_str(&toml::to_string(cfg).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     crate::config::set_path(&mut table, key, val)?;
-    let mut c: Config = serde::Deserialize::deserialize(toml::Value::Table(table)).map_err(|e: toml::de::Error| e.message().to_string())?;
+    let mut c: Config = serde::Deserialize::deserialize(toml::Value::Table(table))
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
     c.meta = cfg.meta.clone();
     c.validate()?;
     Ok(c)

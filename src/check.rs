@@ -4,7 +4,9 @@ use crate::config::Config;
 use std::net::SocketAddr;
 
 fn is_loopback(addr: &str) -> bool {
-    addr.parse::<SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false)
+    addr.parse::<SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false)
 }
 
 /// Advice on a valid configuration; empty when nothing stands out.
@@ -17,15 +19,28 @@ pub fn recommendations(cfg: &Config) -> Vec<String> {
         ));
     }
     if !cfg.metrics.listen.is_empty() && !is_loopback(&cfg.metrics.listen) {
-        out.push(format!("metrics.listen {} exposes metrics beyond this host", cfg.metrics.listen));
+        out.push(format!(
+            "metrics.listen {} exposes metrics beyond this host",
+            cfg.metrics.listen
+        ));
     }
     if let Ok(u) = cfg.upstream_url() {
-        let local = u.host == "localhost" || u.host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
+        let local = u.host == "localhost"
+            || u.host
+                .parse::<std::net::IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false);
         if !local && !u.tls {
-            out.push(format!("upstream {} is off-host without TLS (use rediss://)", u.redacted()));
+            out.push(format!(
+                "upstream {} is off-host without TLS (use rediss://)",
+                u.redacted()
+            ));
         }
         if !local && u.password.is_none() {
-            out.push(format!("upstream {} is off-host without AUTH", u.redacted()));
+            out.push(format!(
+                "upstream {} is off-host without AUTH",
+                u.redacted()
+            ));
         }
     }
     out
@@ -42,7 +57,10 @@ mod tests {
         let c = Config::load(
             None,
             std::iter::empty(),
-            &["server.listen=0.0.0.0:6380".into(), "upstream.url=redis://10.1.2.3:6379".into()],
+            &[
+                "server.listen=0.0.0.0:6380".into(),
+                "upstream.url=redis://10.1.2.3:6379".into(),
+            ],
         )
         .unwrap();
         let r = recommendations(&c);

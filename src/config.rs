@@ -10,6 +10,7 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
@@ -32,21 +33,6 @@ pub struct Meta {
     pub upstream_explicit: bool,
     /// The `--set` overrides (CLI flags included), re-applied on reload.
     pub sets: Vec<String>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            upstream: UpstreamConfig::default(),
-            limits: LimitsConfig::default(),
-            l1: L1Config::default(),
-            compression: CompressionConfig::default(),
-            metrics: MetricsConfig::default(),
-            log: LogConfig::default(),
-            meta: Meta::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -155,7 +141,12 @@ impl Default for L1Config {
     fn default() -> Self {
         // The near cache is not built yet; until it is, "off" is the only
         // mode that does what it says (see validate()).
-        L1Config { mode: L1Mode::Off, max_bytes: 256 << 20, max_ttl_ms: 60_000, max_value_bytes: 1 << 20 }
+        L1Config {
+            mode: L1Mode::Off,
+            max_bytes: 256 << 20,
+            max_ttl_ms: 60_000,
+            max_value_bytes: 1 << 20,
+        }
     }
 }
 
@@ -168,7 +159,10 @@ pub struct CompressionConfig {
 
 impl Default for CompressionConfig {
     fn default() -> Self {
-        CompressionConfig { enabled: false, min_bytes: 1024 }
+        CompressionConfig {
+            enabled: false,
+            min_bytes: 1024,
+        }
     }
 }
 
@@ -181,7 +175,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: "127.0.0.1:9380".into() }
+        MetricsConfig {
+            listen: "127.0.0.1:9380".into(),
+        }
     }
 }
 
@@ -202,13 +198,24 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Plain }
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Plain,
+        }
     }
 }
 
 /// Sections that may appear in `RESPITE_<SECTION>_<KEY>`, longest first so
 /// `RESPITE_UPSTREAM_TLS_CA_FILE` is not read as upstream.tls_ca_file.
-const ENV_SECTIONS: &[&str] = &["compression", "upstream", "metrics", "limits", "server", "log", "l1"];
+const ENV_SECTIONS: &[&str] = &[
+    "compression",
+    "upstream",
+    "metrics",
+    "limits",
+    "server",
+    "log",
+    "l1",
+];
 
 /// Parsed upstream address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +234,11 @@ impl UpstreamUrl {
         let tls = match u.scheme() {
             "redis" => false,
             "rediss" => true,
-            other => return Err(format!("invalid upstream URL: scheme '{other}' (use redis:// or rediss://)")),
+            other => {
+                return Err(format!(
+                    "invalid upstream URL: scheme '{other}' (use redis:// or rediss://)"
+                ));
+            }
         };
         let host = u
             .host_str()
@@ -248,9 +259,17 @@ impl UpstreamUrl {
         let db = if path.is_empty() {
             0
         } else {
-            path.parse().map_err(|_| format!("invalid upstream URL: db '{path}' is not a number"))?
+            path.parse()
+                .map_err(|_| format!("invalid upstream URL: db '{path}' is not a number"))?
         };
-        Ok(UpstreamUrl { tls, host, port, user, password, db })
+        Ok(UpstreamUrl {
+            tls,
+            host,
+            port,
+            user,
+            password,
+            db,
+        })
     }
 
     /// The address without credentials, safe for logs and INFO.
@@ -258,8 +277,16 @@ impl UpstreamUrl {
         format!(
             "{}://{}{}:{}/{}",
             if self.tls { "rediss" } else { "redis" },
-            if self.password.is_some() || self.user.is_some() { "***@" } else { "" },
-            if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() },
+            if self.password.is_some() || self.user.is_some() {
+                "***@"
+            } else {
+                ""
+            },
+            if self.host.contains(':') {
+                format!("[{}]", self.host)
+            } else {
+                self.host.clone()
+            },
             self.port,
             self.db
         )
@@ -272,7 +299,8 @@ impl Config {
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {
-        (self.server.idle_timeout_ms > 0).then(|| Duration::from_millis(self.server.idle_timeout_ms))
+        (self.server.idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.server.idle_timeout_ms))
     }
 
     /// Loads a configuration from all sources. `file`: optional TOML path;
@@ -287,7 +315,8 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
-                text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", p.display()))?
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("{}: {e}", p.display()))?
             }
             None => toml::Table::new(),
         };
@@ -296,7 +325,9 @@ impl Config {
             .and_then(|u| u.as_table())
             .is_some_and(|u| u.contains_key("url"));
         for (k, v) in env {
-            let Some(rest) = k.strip_prefix("RESPITE_") else { continue };
+            let Some(rest) = k.strip_prefix("RESPITE_") else {
+                continue;
+            };
             let rest = rest.to_ascii_lowercase();
             let Some(section) = ENV_SECTIONS
                 .iter()
@@ -309,13 +340,19 @@ impl Config {
             set_path(&mut table, &key, &v).map_err(|e| format!("environment variable {k}: {e}"))?;
         }
         for s in sets {
-            let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected KEY=VALUE"))?;
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| format!("--set {s}: expected KEY=VALUE"))?;
             explicit |= k.trim() == "upstream.url";
             set_path(&mut table, k.trim(), v).map_err(|e| format!("--set {s}: {e}"))?;
         }
         let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| format!("invalid configuration: {}", e.message()))?;
-        cfg.meta = Meta { path: file.map(Path::to_path_buf), upstream_explicit: explicit, sets: sets.to_vec() };
+        cfg.meta = Meta {
+            path: file.map(Path::to_path_buf),
+            upstream_explicit: explicit,
+            sets: sets.to_vec(),
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -336,7 +373,9 @@ impl Config {
         if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
             return Err("upstream.pool_size must be between 1 and 64".into());
         }
-        if self.upstream.reconnect_min_ms == 0 || self.upstream.reconnect_max_ms < self.upstream.reconnect_min_ms {
+        if self.upstream.reconnect_min_ms == 0
+            || self.upstream.reconnect_max_ms < self.upstream.reconnect_min_ms
+        {
             return Err("upstream.reconnect_min_ms must be > 0 and <= reconnect_max_ms".into());
         }
         if self.limits.max_pipeline == 0 {
@@ -356,10 +395,10 @@ impl Config {
     /// The configuration as TOML, with secrets masked.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
-        if let Ok(u) = self.upstream_url() {
-            if u.password.is_some() || u.user.is_some() {
-                c.upstream.url = u.redacted();
-            }
+        if let Ok(u) = self.upstream_url()
+            && (u.password.is_some() || u.user.is_some())
+        {
+            c.upstream.url = u.redacted();
         }
         toml::to_string(&c).unwrap_or_default()
     }
@@ -377,7 +416,11 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&p, v, out);
             }
         }
@@ -416,7 +459,11 @@ mod tests {
     use super::*;
 
     fn load(toml: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, String> {
-        let dir = std::env::temp_dir().join(format!("respite-cfg-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir = std::env::temp_dir().join(format!(
+            "respite-cfg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::write(&dir, toml).unwrap();
         let r = Config::load(
             Some(&dir),
@@ -440,7 +487,10 @@ mod tests {
     fn precedence_file_env_set() {
         let c = load(
             "[server]\nmax_clients = 5\n[upstream]\npool_size = 3\n",
-            &[("RESPITE_SERVER_MAX_CLIENTS", "6"), ("RESPITE_LIMITS_MAX_BULK_BYTES", "100")],
+            &[
+                ("RESPITE_SERVER_MAX_CLIENTS", "6"),
+                ("RESPITE_LIMITS_MAX_BULK_BYTES", "100"),
+            ],
             &["server.max_clients=7", "log.format=json"],
         )
         .unwrap();
@@ -449,14 +499,23 @@ mod tests {
         assert_eq!(c.limits.max_bulk_bytes, 100);
         assert_eq!(c.log.format, LogFormat::Json);
         assert!(!c.meta.upstream_explicit);
-        let c = load("", &[("RESPITE_UPSTREAM_URL", "redis://127.0.0.1:7000")], &[]).unwrap();
+        let c = load(
+            "",
+            &[("RESPITE_UPSTREAM_URL", "redis://127.0.0.1:7000")],
+            &[],
+        )
+        .unwrap();
         assert!(c.meta.upstream_explicit);
         assert_eq!(c.upstream_url().unwrap().port, 7000);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        assert!(load("[server]\nlisten_addr = 'x'\n", &[], &[]).unwrap_err().contains("listen_addr"));
+        assert!(
+            load("[server]\nlisten_addr = 'x'\n", &[], &[])
+                .unwrap_err()
+                .contains("listen_addr")
+        );
         assert!(load("bogus = 1\n", &[], &[]).is_err());
         assert!(load("", &[], &["server.nope=1"]).is_err());
         assert!(load("", &[("RESPITE_NOPE_X", "1")], &[]).is_err());
@@ -484,8 +543,28 @@ mod tests {
         );
         assert_eq!(u.redacted(), "rediss://***@10.0.0.1:6390/3");
         let u = UpstreamUrl::parse("redis://:secret@[::1]").unwrap();
-        assert_eq!((u.user, u.password.as_deref(), u.port, u.host.as_str()), (None, Some("secret"), 6379, "::1"));
+        assert_eq!(
+            (u.user, u.password.as_deref(), u.port, u.host.as_str()),
+            (None, Some("secret"), 6379, "::1")
+        );
         assert!(UpstreamUrl::parse("redis://h/x").is_err());
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/respite.toml");
+        let shipped = Config::load(Some(&path), std::iter::empty(), &[]).unwrap();
+        let defaults = Config::load(None, std::iter::empty(), &[]).unwrap();
+        assert_eq!(shipped.flat(), defaults.flat());
+        // Every key of the configuration appears in the shipped file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (k, _) in defaults.flat() {
+            let leaf = k.rsplit('.').next().unwrap();
+            assert!(
+                text.contains(&format!("\n{leaf} = ")),
+                "conf/respite.toml lacks {k}"
+            );
+        }
     }
 
     #[test]

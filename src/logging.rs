@@ -3,7 +3,9 @@
 
 use crate::config::{LogConfig, LogFormat};
 use std::sync::OnceLock;
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
 
 static RELOAD: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
@@ -13,7 +15,11 @@ pub fn init(cfg: &LogConfig) {
     let registry = tracing_subscriber::registry().with(filter);
     let ok = match cfg.format {
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
             .is_ok(),
         LogFormat::Plain => registry

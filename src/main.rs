@@ -90,7 +90,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     respite::logging::init(&cfg.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("respite: cannot start runtime: {e}");

@@ -151,20 +151,30 @@ impl Metrics {
             .enumerate()
             .filter_map(|(i, c)| {
                 let n = c.load(Ordering::Relaxed);
-                (n > 0).then(|| (command::name(i), n, self.cmd_errors[i].load(Ordering::Relaxed)))
+                (n > 0).then(|| {
+                    (
+                        command::name(i),
+                        n,
+                        self.cmd_errors[i].load(Ordering::Relaxed),
+                    )
+                })
             })
             .collect()
     }
 
     pub fn total_commands(&self) -> u64 {
-        self.cmd_counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.cmd_counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
 /// Installs the Prometheus recorder and returns the handle that renders the
 /// text format. Only the first call in a process installs it.
 pub fn install_prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = OnceLock::new();
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -222,15 +232,25 @@ pub async fn serve(
             if !matches!(read, Ok(Some(()))) {
                 return;
             }
-            let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string();
+            let line = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", handle.render()),
                 "/health" => {
-                    if up.as_ref().is_none_or(|u| u.health.up.load(Ordering::Relaxed)) {
+                    if up
+                        .as_ref()
+                        .is_none_or(|u| u.health.up.load(Ordering::Relaxed))
+                    {
                         ("200 OK", "ok\n".to_string())
                     } else {
-                        ("503 Service Unavailable", "upstream unavailable\n".to_string())
+                        (
+                            "503 Service Unavailable",
+                            "upstream unavailable\n".to_string(),
+                        )
                     }
                 }
                 _ => ("404 Not Found", "not found\n".to_string()),

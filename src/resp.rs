@@ -91,7 +91,11 @@ pub fn parse_int(s: &[u8]) -> Option<i64> {
     if s.is_empty() || s.len() > 20 {
         return None;
     }
-    let (neg, digits) = if s[0] == b'-' { (true, &s[1..]) } else { (false, s) };
+    let (neg, digits) = if s[0] == b'-' {
+        (true, &s[1..])
+    } else {
+        (false, s)
+    };
     if digits.is_empty() {
         return None;
     }
@@ -122,7 +126,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError
         if buf.len() > 32 {
             return perr("ERR Protocol error: invalid multibulk length");
         }
-        return Ok(Parse::Incomplete { need: buf.len() + 1 });
+        return Ok(Parse::Incomplete {
+            need: buf.len() + 1,
+        });
     };
     let n = match parse_int(&buf[1..eol]) {
         Some(n) if n <= limits.max_multibulk_len as i64 => n,
@@ -131,7 +137,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError
     let mut pos = eol + 2;
     if n <= 0 {
         // Redis treats "*0" and "*-1" as an empty request and skips it.
-        return Ok(Parse::Complete(ParsedRange { len: pos, args: Vec::new(), inline: false }));
+        return Ok(Parse::Complete(ParsedRange {
+            len: pos,
+            args: Vec::new(),
+            inline: false,
+        }));
     }
     let mut args = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -148,7 +158,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError
             if buf.len() - pos > 32 {
                 return perr("ERR Protocol error: invalid bulk length");
             }
-            return Ok(Parse::Incomplete { need: buf.len() + 1 });
+            return Ok(Parse::Incomplete {
+                need: buf.len() + 1,
+            });
         };
         let len = match parse_int(&buf[pos + 1..eol]) {
             Some(l) if l >= 0 && l as u64 <= limits.max_bulk_bytes as u64 => l as usize,
@@ -165,7 +177,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError
         args.push(start..end);
         pos = end + 2;
     }
-    Ok(Parse::Complete(ParsedRange { len: pos, args, inline: false }))
+    Ok(Parse::Complete(ParsedRange {
+        len: pos,
+        args,
+        inline: false,
+    }))
 }
 
 /// Inline commands ("PING\r\n" typed into telnet). Splitting follows Redis'
@@ -176,13 +192,23 @@ fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError> {
         if buf.len() > limits.max_inline_bytes {
             return perr("ERR Protocol error: too big inline request");
         }
-        return Ok(Parse::Incomplete { need: buf.len() + 1 });
+        return Ok(Parse::Incomplete {
+            need: buf.len() + 1,
+        });
     };
-    let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
     let line = &buf[..line_end];
     let args = split_inline(line)
         .ok_or_else(|| ProtocolError("ERR Protocol error: unbalanced quotes in request".into()))?;
-    Ok(Parse::Complete(ParsedRange { len: nl + 1, args, inline: true }))
+    Ok(Parse::Complete(ParsedRange {
+        len: nl + 1,
+        args,
+        inline: true,
+    }))
 }
 
 /// Returns argument ranges; quoted arguments with escapes cannot be expressed
@@ -438,7 +464,10 @@ impl FrameScanner {
 }
 
 fn bad_len(t: u8) -> ProtocolError {
-    ProtocolError(format!("invalid length in reply frame of type '{}'", char::from(t)))
+    ProtocolError(format!(
+        "invalid length in reply frame of type '{}'",
+        char::from(t)
+    ))
 }
 
 // ---- reply builders -------------------------------------------------------
@@ -567,7 +596,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_lengths() {
-        let l = Limits { max_bulk_bytes: 10, max_multibulk_len: 4, ..Limits::default() };
+        let l = Limits {
+            max_bulk_bytes: 10,
+            max_multibulk_len: 4,
+            ..Limits::default()
+        };
         for bad in [
             &b"*5\r\n"[..],
             b"*x\r\n",
@@ -576,7 +609,11 @@ mod tests {
             b"*1\r\n:1\r\n",
             b"*1\r\n$1\r\nab\r\n",
         ] {
-            assert!(parse_request(bad, &l).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_request(bad, &l).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // Redis skips empty and negative multibulk counts.
         assert_eq!(complete(b"*0\r\n").args.len(), 0);
@@ -657,7 +694,10 @@ mod tests {
         map_header(&mut b, 2, false);
         map_header(&mut b, 2, true);
         verbatim_txt(&mut b, b"hi", true);
-        assert_eq!(&b[..], b":-42\r\n$1\r\nx\r\n$-1\r\n_\r\n-ERR a  b\r\n*4\r\n%2\r\n=6\r\ntxt:hi\r\n");
+        assert_eq!(
+            &b[..],
+            b":-42\r\n$1\r\nx\r\n$-1\r\n_\r\n-ERR a  b\r\n*4\r\n%2\r\n=6\r\ntxt:hi\r\n"
+        );
         assert_eq!(bulk_payload(b"=6\r\ntxt:hi\r\n"), Some(&b"hi"[..]));
         assert_eq!(bulk_payload(b"$2\r\nhi\r\n"), Some(&b"hi"[..]));
         assert_eq!(parse_int(b"-9223372036854775808"), Some(i64::MIN));

@@ -34,13 +34,20 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn apply(&self, c: &Config) {
-        self.max_clients.store(c.server.max_clients, Ordering::Relaxed);
-        self.idle_timeout_ms.store(c.server.idle_timeout_ms, Ordering::Relaxed);
-        self.max_bulk_bytes.store(c.limits.max_bulk_bytes, Ordering::Relaxed);
-        self.max_multibulk_len.store(c.limits.max_multibulk_len, Ordering::Relaxed);
-        self.max_inline_bytes.store(c.limits.max_inline_bytes, Ordering::Relaxed);
-        self.max_output_bytes.store(c.limits.max_output_bytes, Ordering::Relaxed);
-        self.max_pipeline.store(c.limits.max_pipeline, Ordering::Relaxed);
+        self.max_clients
+            .store(c.server.max_clients, Ordering::Relaxed);
+        self.idle_timeout_ms
+            .store(c.server.idle_timeout_ms, Ordering::Relaxed);
+        self.max_bulk_bytes
+            .store(c.limits.max_bulk_bytes, Ordering::Relaxed);
+        self.max_multibulk_len
+            .store(c.limits.max_multibulk_len, Ordering::Relaxed);
+        self.max_inline_bytes
+            .store(c.limits.max_inline_bytes, Ordering::Relaxed);
+        self.max_output_bytes
+            .store(c.limits.max_output_bytes, Ordering::Relaxed);
+        self.max_pipeline
+            .store(c.limits.max_pipeline, Ordering::Relaxed);
     }
 
     pub fn limits(&self) -> Limits {
@@ -96,10 +103,26 @@ impl Shared {
                 restart.push(name.to_string());
             }
         };
-        diff("server.listen", old.server.listen.clone(), new.server.listen.clone());
-        diff("upstream.url", old.upstream.url.clone(), new.upstream.url.clone());
-        diff("upstream.pool_size", old.upstream.pool_size.to_string(), new.upstream.pool_size.to_string());
-        diff("metrics.listen", old.metrics.listen.clone(), new.metrics.listen.clone());
+        diff(
+            "server.listen",
+            old.server.listen.clone(),
+            new.server.listen.clone(),
+        );
+        diff(
+            "upstream.url",
+            old.upstream.url.clone(),
+            new.upstream.url.clone(),
+        );
+        diff(
+            "upstream.pool_size",
+            old.upstream.pool_size.to_string(),
+            new.upstream.pool_size.to_string(),
+        );
+        diff(
+            "metrics.listen",
+            old.metrics.listen.clone(),
+            new.metrics.listen.clone(),
+        );
         self.rt.apply(&new);
         if let Backend::Upstream(u) = &self.backend {
             u.set_timeout_ms(new.upstream.timeout_ms);
@@ -125,9 +148,15 @@ pub const RELOADABLE: &[&str] = &[
 ];
 
 /// Decides between Redis and the in-process store.
-async fn choose_backend(cfg: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<Backend, String> {
+async fn choose_backend(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<Backend, String> {
     if cfg.upstream.fallback == Fallback::Local {
-        tracing::warn!("upstream.fallback = \"local\": serving from an IN-PROCESS store; nothing is written to Redis");
+        tracing::warn!(
+            "upstream.fallback = \"local\": serving from an IN-PROCESS store; nothing is written to Redis"
+        );
         return Ok(Backend::Local(Arc::new(LocalStore::new(16))));
     }
     if !cfg.meta.upstream_explicit {
@@ -161,6 +190,13 @@ pub struct Running {
 /// Binds the listeners and starts serving. Returns once ready.
 pub async fn start(cfg: Config) -> Result<Running, String> {
     let shutdown = CancellationToken::new();
+    // The recorder must exist before Metrics registers its handles, or they
+    // would be no-ops.
+    let prometheus = if cfg.metrics.listen.is_empty() {
+        None
+    } else {
+        crate::metrics::install_prometheus()
+    };
     let metrics = Arc::new(Metrics::new());
     let listener = TcpListener::bind(&cfg.server.listen)
         .await
@@ -178,7 +214,7 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
             .await
             .map_err(|e| format!("cannot listen on {} (metrics): {e}", cfg.metrics.listen))?;
         metrics_addr = ml.local_addr().ok();
-        if let Some(handle) = crate::metrics::install_prometheus() {
+        if let Some(handle) = prometheus {
             let up = match &backend {
                 Backend::Upstream(u) => Some(u.clone()),
                 Backend::Local(_) => None,
@@ -212,7 +248,12 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     }
     let done = tokio::spawn(accept_loop(listener, shared.clone()));
     tracing::info!(listen = %addr, metrics = ?metrics_addr, "respite ready");
-    Ok(Running { shared, addr, metrics_addr, done })
+    Ok(Running {
+        shared,
+        addr,
+        metrics_addr,
+        done,
+    })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -276,7 +317,10 @@ impl Running {
         }
         let left = self.shared.clients.len();
         if left > 0 {
-            tracing::warn!(clients = left, "grace period over; closing remaining connections");
+            tracing::warn!(
+                clients = left,
+                "grace period over; closing remaining connections"
+            );
         }
         self.shared.shutdown.cancel();
         let deadline = Instant::now() + Duration::from_secs(2);

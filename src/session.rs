@@ -35,9 +35,18 @@ enum Post {
 
 enum Out<S> {
     Ready(Bytes),
-    Up { rx: ReplyRx, count: u32, ids: Vec<u16>, start: Instant, post: Post },
+    Up {
+        rx: ReplyRx,
+        count: u32,
+        ids: Vec<u16>,
+        start: Instant,
+        post: Post,
+    },
     /// Error replies for `count` commands that never reached Redis.
-    Failed { err: UpError, count: u32 },
+    Failed {
+        err: UpError,
+        count: u32,
+    },
     /// Hand the write half back to the reader (for tunnelling).
     Handoff(oneshot::Sender<WriteHalf<S>>),
     /// Flush and close the connection (QUIT, protocol errors).
@@ -97,7 +106,10 @@ where
     let cap = shared.rt.max_pipeline.load(Ordering::Relaxed).max(1);
     let (tx, rx) = mpsc::channel(cap);
     let out = Arc::new(OutBytes::default());
-    out.cap.store(shared.rt.max_output_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    out.cap.store(
+        shared.rt.max_output_bytes.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
     let link = Arc::new(Link {
         outstanding: AtomicUsize::new(0),
         drained: Notify::new(),
@@ -134,7 +146,9 @@ where
                 break Flow::Stop;
             }
         }
-        let want = need.saturating_sub(buf.len()).clamp(16 * 1024, 4 * 1024 * 1024);
+        let want = need
+            .saturating_sub(buf.len())
+            .clamp(16 * 1024, 4 * 1024 * 1024);
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
@@ -179,10 +193,10 @@ where
     match flow {
         Flow::Tunnel { first } => {
             let (htx, hrx) = oneshot::channel();
-            if s.tx.send(Out::Handoff(htx)).await.is_ok() {
-                if let Ok(wr) = hrx.await {
-                    s.tunnel(rd.unsplit(wr), first, buf).await;
-                }
+            if s.tx.send(Out::Handoff(htx)).await.is_ok()
+                && let Ok(wr) = hrx.await
+            {
+                s.tunnel(rd.unsplit(wr), first, buf).await;
             }
         }
         _ => {
@@ -234,7 +248,10 @@ where
             }
             let raw = chunk.slice(*start..*start + p.len);
             let args: Vec<Bytes> = if p.inline {
-                p.args.iter().map(|r| resp::inline_arg(&raw[r.clone()])).collect()
+                p.args
+                    .iter()
+                    .map(|r| resp::inline_arg(&raw[r.clone()]))
+                    .collect()
             } else {
                 p.args.iter().map(|r| raw.slice(r.clone())).collect()
             };
@@ -267,7 +284,9 @@ where
                     }
                     rest.extend_from_slice(buf);
                     buf.clear();
-                    return Flow::Tunnel { first: rest.freeze() };
+                    return Flow::Tunnel {
+                        first: rest.freeze(),
+                    };
                 }
                 Flow::Stop => return Flow::Stop,
             }
@@ -309,12 +328,16 @@ where
     /// The connection this session's commands go to right now.
     async fn target(&mut self) -> Result<Conn, UpError> {
         if let Some((c, _)) = &self.pinned {
-            return if c.is_dead() { Err(UpError::Lost) } else { Ok(c.clone()) };
+            return if c.is_dead() {
+                Err(UpError::Lost)
+            } else {
+                Ok(c.clone())
+            };
         }
-        if let Some(c) = &self.conn {
-            if !c.is_dead() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = &self.conn
+            && !c.is_dead()
+        {
+            return Ok(c.clone());
         }
         let Backend::Upstream(up) = &self.shared.backend else {
             return Err(UpError::Unavailable("no upstream (local mode)".into()));
@@ -328,9 +351,21 @@ where
     /// Sends raw commands upstream and queues their reply slot.
     async fn forward(&mut self, data: Bytes, ids: Vec<u16>, post: Post) {
         let count = ids.len() as u32;
-        let sent = self.target().await.and_then(|c| c.send(data, count, Some(self.link.out.clone())));
+        let sent = self
+            .target()
+            .await
+            .and_then(|c| c.send(data, count, Some(self.link.out.clone())));
         match sent {
-            Ok(rx) => self.push(Out::Up { rx, count, ids, start: Instant::now(), post }).await,
+            Ok(rx) => {
+                self.push(Out::Up {
+                    rx,
+                    count,
+                    ids,
+                    start: Instant::now(),
+                    post,
+                })
+                .await
+            }
             Err(err) => {
                 for id in &ids {
                     self.shared.metrics.command(*id as usize, true, None);
@@ -345,29 +380,37 @@ where
         }
     }
 
-    async fn dispatch(&mut self, class: Class, id: Option<usize>, args: &[Bytes], raw: Bytes) -> Flow {
+    async fn dispatch(
+        &mut self,
+        class: Class,
+        id: Option<usize>,
+        args: &[Bytes],
+        raw: Bytes,
+    ) -> Flow {
         let idx = id.unwrap_or(command::count());
         let ids = vec![idx as u16];
-        if let Backend::Local(store) = &self.shared.backend {
-            if !matches!(class, Class::Local(_)) {
-                let store = store.clone();
-                let mut out = BytesMut::new();
-                let name = args[0].to_ascii_uppercase();
-                if crate::local::LocalStore::supports(&name) {
-                    store.execute(self.db as usize, args, self.resp3, &mut out);
-                } else {
-                    resp::error(
-                        &mut out,
-                        &format!(
-                            "ERR '{}' is not available: respite is running in local fallback mode without Redis",
-                            String::from_utf8_lossy(&args[0]).to_lowercase()
-                        ),
-                    );
-                }
-                self.shared.metrics.command(idx, out.first() == Some(&b'-'), None);
-                self.reply(out.freeze()).await;
-                return Flow::Continue;
+        if let Backend::Local(store) = &self.shared.backend
+            && !matches!(class, Class::Local(_))
+        {
+            let store = store.clone();
+            let mut out = BytesMut::new();
+            let name = args[0].to_ascii_uppercase();
+            if crate::local::LocalStore::supports(&name) {
+                store.execute(self.db as usize, args, self.resp3, &mut out);
+            } else {
+                resp::error(
+                    &mut out,
+                    &format!(
+                        "ERR '{}' is not available: respite is running in local fallback mode without Redis",
+                        String::from_utf8_lossy(&args[0]).to_lowercase()
+                    ),
+                );
             }
+            self.shared
+                .metrics
+                .command(idx, out.first() == Some(&b'-'), None);
+            self.reply(out.freeze()).await;
+            return Flow::Continue;
         }
         match class {
             Class::Pass => self.forward(raw, ids, Post::None).await,
@@ -419,10 +462,10 @@ where
             }
             Local::Hello => {
                 if self.pinned.is_some() && !self.is_local() {
-                    if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
-                        if v == 2 || v == 3 {
-                            self.resp3 = v == 3;
-                        }
+                    if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a))
+                        && (v == 2 || v == 3)
+                    {
+                        self.resp3 = v == 3;
                     }
                     self.forward(raw, vec![idx as u16], Post::None).await;
                     return Flow::Continue;
@@ -443,7 +486,10 @@ where
             Local::Select => {
                 let want = args.get(1).and_then(|a| resp::parse_int(a));
                 if args.len() != 2 {
-                    resp::error(&mut out, "ERR wrong number of arguments for 'select' command");
+                    resp::error(
+                        &mut out,
+                        "ERR wrong number of arguments for 'select' command",
+                    );
                 } else if self.is_local() {
                     match want {
                         Some(n) if (0..16).contains(&n) => {
@@ -451,7 +497,9 @@ where
                             resp::simple(&mut out, "OK");
                         }
                         Some(_) => resp::error(&mut out, "ERR DB index is out of range"),
-                        None => resp::error(&mut out, "ERR value is not an integer or out of range"),
+                        None => {
+                            resp::error(&mut out, "ERR value is not an integer or out of range")
+                        }
                     }
                 } else if self.pinned.is_none() && want == Some(self.db as i64) {
                     resp::simple(&mut out, "OK");
@@ -491,7 +539,11 @@ where
             }
             Local::Info => {
                 if !self.is_local() {
-                    let post = if crate::admin::info_wants_proxy(&args[1..]) { Post::Info } else { Post::None };
+                    let post = if crate::admin::info_wants_proxy(&args[1..]) {
+                        Post::Info
+                    } else {
+                        Post::None
+                    };
                     self.forward(raw, vec![idx as u16], post).await;
                     return Flow::Continue;
                 }
@@ -508,7 +560,9 @@ where
                 return Flow::Continue;
             }
         }
-        self.shared.metrics.command(idx, out.first() == Some(&b'-'), None);
+        self.shared
+            .metrics
+            .command(idx, out.first() == Some(&b'-'), None);
         self.reply(out.freeze()).await;
         Flow::Continue
     }
@@ -525,7 +579,10 @@ where
                     return HelloOutcome::Done;
                 }
                 None => {
-                    resp::error(out, "ERR Protocol version is not an integer or out of range");
+                    resp::error(
+                        out,
+                        "ERR Protocol version is not an integer or out of range",
+                    );
                     return HelloOutcome::Done;
                 }
             }
@@ -536,7 +593,10 @@ where
             let more = args.len() - i - 1;
             if opt == b"AUTH" && more >= 2 {
                 if self.is_local() {
-                    resp::error(out, "WRONGPASS invalid username-password pair or user is disabled.");
+                    resp::error(
+                        out,
+                        "WRONGPASS invalid username-password pair or user is disabled.",
+                    );
                     return HelloOutcome::Done;
                 }
                 return HelloOutcome::NeedsUpstream;
@@ -549,7 +609,10 @@ where
             } else {
                 resp::error(
                     out,
-                    &format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i])),
+                    &format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    ),
                 );
                 return HelloOutcome::Done;
             }
@@ -584,7 +647,10 @@ where
         let up = match self.pinned.take() {
             Some((_, detach)) => detach.detach().await.map_err(|e| e.to_string()),
             None => match &self.shared.backend {
-                Backend::Upstream(u) => u.dedicated_stream(self.resp3).await.map_err(|e| e.to_string()),
+                Backend::Upstream(u) => u
+                    .dedicated_stream(self.resp3)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Backend::Local(_) => Err("subscriptions are not available in local mode".into()),
             },
         };
@@ -592,7 +658,11 @@ where
         let mut upstream = match up {
             Ok(s) => s,
             Err(e) => {
-                let _ = client.write_all(&resp::error_bytes(&format!("TRYAGAIN upstream unavailable ({e})"))).await;
+                let _ = client
+                    .write_all(&resp::error_bytes(&format!(
+                        "TRYAGAIN upstream unavailable ({e})"
+                    )))
+                    .await;
                 return;
             }
         };
@@ -619,8 +689,12 @@ enum HelloOutcome {
 
 /// Writes replies in order. Small replies are coalesced into one write;
 /// large ones are written from their own buffers.
-async fn writer<S>(mut w: WriteHalf<S>, mut rx: mpsc::Receiver<Out<S>>, link: Arc<Link>, shared: Arc<Shared>)
-where
+async fn writer<S>(
+    mut w: WriteHalf<S>,
+    mut rx: mpsc::Receiver<Out<S>>,
+    link: Arc<Link>,
+    shared: Arc<Shared>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -669,7 +743,13 @@ where
                     buf.extend_from_slice(&line);
                 }
             }
-            Out::Up { mut rx, count, ids, start, post } => {
+            Out::Up {
+                mut rx,
+                count,
+                ids,
+                start,
+                post,
+            } => {
                 let res = match rx.try_recv() {
                     Ok(r) => Ok(r),
                     Err(oneshot::error::TryRecvError::Empty) => {

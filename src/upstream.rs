@@ -36,7 +36,9 @@ pub type UpStream = Box<dyn AsyncStream>;
 pub enum UpError {
     #[error("TRYAGAIN upstream unavailable ({0})")]
     Unavailable(String),
-    #[error("ERR upstream connection lost before the reply; the command may or may not have been executed")]
+    #[error(
+        "ERR upstream connection lost before the reply; the command may or may not have been executed"
+    )]
     Lost,
     #[error("ERR upstream timeout: no reply within {0} ms; connection reset")]
     Timeout(u64),
@@ -109,12 +111,24 @@ pub struct Conn {
 
 impl Conn {
     /// Queues `count` complete commands; the receiver yields their replies.
-    pub fn send(&self, data: Bytes, count: u32, out: Option<Arc<OutBytes>>) -> Result<ReplyRx, UpError> {
+    pub fn send(
+        &self,
+        data: Bytes,
+        count: u32,
+        out: Option<Arc<OutBytes>>,
+    ) -> Result<ReplyRx, UpError> {
         let (tx, rx) = oneshot::channel();
         if self.dead.is_cancelled() {
             return Err(UpError::Lost);
         }
-        self.tx.send(Batch { data, count, tx, out }).map_err(|_| UpError::Lost)?;
+        self.tx
+            .send(Batch {
+                data,
+                count,
+                tx,
+                out,
+            })
+            .map_err(|_| UpError::Lost)?;
         Ok(rx)
     }
 
@@ -156,7 +170,9 @@ pub async fn open_stream(
             .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
         tcp.set_nodelay(true).ok();
         if url.tls {
-            return Err("rediss:// (TLS to the upstream) is not supported by this build yet".to_string());
+            return Err(
+                "rediss:// (TLS to the upstream) is not supported by this build yet".to_string(),
+            );
         }
         let mut s: UpStream = Box::new(tcp);
         let version = handshake(&mut s, hs).await?;
@@ -180,12 +196,17 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
     resp::encode_command(&hello, &mut out);
     let mut n = 1;
     if hs.db != 0 {
-        resp::encode_command(&[b"SELECT".as_slice(), hs.db.to_string().as_bytes()], &mut out);
+        resp::encode_command(
+            &[b"SELECT".as_slice(), hs.db.to_string().as_bytes()],
+            &mut out,
+        );
         n += 1;
     }
     resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", hs.name.as_bytes()], &mut out);
     n += 1;
-    s.write_all(&out).await.map_err(|e| format!("handshake write: {e}"))?;
+    s.write_all(&out)
+        .await
+        .map_err(|e| format!("handshake write: {e}"))?;
     let mut buf = BytesMut::with_capacity(4096);
     let mut sc = FrameScanner::new();
     let mut version = String::new();
@@ -194,7 +215,11 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
             if let Some(end) = sc.next_frame(&buf).map_err(|e| e.to_string())? {
                 break end;
             }
-            if s.read_buf(&mut buf).await.map_err(|e| format!("handshake read: {e}"))? == 0 {
+            if s.read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("handshake read: {e}"))?
+                == 0
+            {
                 return Err("upstream closed the connection during the handshake".into());
             }
         };
@@ -248,18 +273,35 @@ impl Detach {
     }
 }
 
-fn spawn_detachable(stream: UpStream, timeout: Option<Duration>, metrics: Arc<Metrics>) -> (Conn, Detach) {
+fn spawn_detachable(
+    stream: UpStream,
+    timeout: Option<Duration>,
+    metrics: Arc<Metrics>,
+) -> (Conn, Detach) {
     let (tx, rx) = mpsc::unbounded_channel();
     let dead = CancellationToken::new();
     let stop = CancellationToken::new();
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::default();
     let (r, w) = tokio::io::split(stream);
     let writer = tokio::spawn(writer(w, rx, inflight.clone(), dead.clone(), stop.clone()));
-    let reader = tokio::spawn(reader(r, inflight.clone(), dead.clone(), stop.clone(), metrics));
+    let reader = tokio::spawn(reader(
+        r,
+        inflight.clone(),
+        dead.clone(),
+        stop.clone(),
+        metrics,
+    ));
     if let Some(t) = timeout {
         tokio::spawn(watchdog(inflight, dead.clone(), t));
     }
-    (Conn { tx, dead }, Detach { stop, writer, reader })
+    (
+        Conn { tx, dead },
+        Detach {
+            stop,
+            writer,
+            reader,
+        },
+    )
 }
 
 /// Batches larger than this are written straight from their buffer instead
@@ -286,7 +328,12 @@ async fn writer(
         {
             let mut q = inflight.lock().unwrap();
             while let Some(b) = next.take() {
-                q.push_back(Inflight { count: b.count, tx: b.tx, out: b.out, sent: now });
+                q.push_back(Inflight {
+                    count: b.count,
+                    tx: b.tx,
+                    out: b.out,
+                    sent: now,
+                });
                 if b.data.len() >= COPY_LIMIT {
                     // Keep order: flush what was copied so far first.
                     if !buf.is_empty() {
@@ -378,7 +425,10 @@ impl Cut {
                 if let Some(o) = &f.out {
                     o.add(data.len());
                 }
-                let _ = f.tx.send(Ok(Reply { data, errors: self.errors }));
+                let _ = f.tx.send(Ok(Reply {
+                    data,
+                    errors: self.errors,
+                }));
                 self.done = 0;
                 self.frame_start = 0;
                 self.errors = 0;
@@ -433,7 +483,11 @@ async fn reader(
     None
 }
 
-async fn watchdog(inflight: Arc<Mutex<VecDeque<Inflight>>>, dead: CancellationToken, timeout: Duration) {
+async fn watchdog(
+    inflight: Arc<Mutex<VecDeque<Inflight>>>,
+    dead: CancellationToken,
+    timeout: Duration,
+) {
     let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut iv = tokio::time::interval(tick);
     loop {
@@ -449,7 +503,6 @@ async fn watchdog(inflight: Arc<Mutex<VecDeque<Inflight>>>, dead: CancellationTo
             let pending: Vec<Inflight> = inflight.lock().unwrap().drain(..).collect();
             for f in pending {
                 let _ = f.tx.send(Err(UpError::Timeout(timeout.as_millis() as u64)));
-
             }
             dead.cancel();
             return;
@@ -493,10 +546,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<Arc<Self>, String> {
+    pub fn new(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
         let url = cfg.upstream_url()?;
         let mk = || Pool {
-            slots: (0..cfg.upstream.pool_size).map(|_| Slot { conn: Mutex::new(None) }).collect(),
+            slots: (0..cfg.upstream.pool_size)
+                .map(|_| Slot {
+                    conn: Mutex::new(None),
+                })
+                .collect(),
             started: AtomicBool::new(false),
         };
         let up = Arc::new(Upstream {
@@ -559,7 +620,8 @@ impl Upstream {
                     *self.health.version.lock().unwrap() = version;
                     delay = self.backoff.0;
                     let conn = spawn_conn(stream, self.timeout(), self.metrics.clone());
-                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() = Some(conn.clone());
+                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() =
+                        Some(conn.clone());
                     self.health.connected.fetch_add(1, Ordering::Relaxed);
                     self.set_up(true, None);
                     tokio::select! {
@@ -625,7 +687,11 @@ impl Upstream {
             }
             if !self.health.up.load(Ordering::Relaxed) || Instant::now() >= deadline {
                 let err = self.health.last_error.lock().unwrap().clone();
-                return Err(UpError::Unavailable(if err.is_empty() { "connecting".into() } else { err }));
+                return Err(UpError::Unavailable(if err.is_empty() {
+                    "connecting".into()
+                } else {
+                    err
+                }));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

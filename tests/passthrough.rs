@@ -24,7 +24,9 @@ fn differential(cmds: &[Vec<&[u8]>]) {
             String::from_utf8_lossy(&rb),
             String::from_utf8_lossy(&ra),
             "reply to {:?} differs",
-            c.iter().map(|x| String::from_utf8_lossy(x)).collect::<Vec<_>>()
+            c.iter()
+                .map(|x| String::from_utf8_lossy(x))
+                .collect::<Vec<_>>()
         );
     }
 }
@@ -40,7 +42,11 @@ fn read_reply(r: &mut Raw) -> Vec<u8> {
             return buf;
         }
         let n = r.s.read(&mut chunk).expect("reply within timeout");
-        assert!(n > 0, "connection closed; got {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -121,10 +127,29 @@ fn command_families_match_redis_byte_for_byte() {
         c(&["XRANGE", "x", "-", "+"]),
         c(&["XREAD", "COUNT", "1", "STREAMS", "x", "0"]),
         c(&["XGROUP", "CREATE", "x", "g", "0"]),
-        c(&["XREADGROUP", "GROUP", "g", "c1", "COUNT", "1", "STREAMS", "x", ">"]),
+        c(&[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c1",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "x",
+            ">",
+        ]),
         c(&["XPENDING", "x", "g"]),
         // geo, hyperloglog
-        c(&["GEOADD", "geo", "13.361389", "38.115556", "Palermo", "15.087269", "37.502669", "Catania"]),
+        c(&[
+            "GEOADD",
+            "geo",
+            "13.361389",
+            "38.115556",
+            "Palermo",
+            "15.087269",
+            "37.502669",
+            "Catania",
+        ]),
         c(&["GEODIST", "geo", "Palermo", "Catania", "km"]),
         c(&["GEOPOS", "geo", "Palermo"]),
         c(&["PFADD", "hll", "a", "b", "c"]),
@@ -190,7 +215,11 @@ fn resp3_after_hello_and_resp2_never_sees_resp3() {
     r.expect(b"$-1\r\n");
     r.send(&cmd_bytes(&[b"HELLO", b"3"]));
     let hello = read_reply(&mut r);
-    assert!(hello.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&hello));
+    assert!(
+        hello.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
     assert!(hello.windows(7).any(|w| w == b"proto\r\n"));
     r.send(&cmd_bytes(&[b"HGETALL", b"h"]));
     r.expect(b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
@@ -204,9 +233,11 @@ fn resp3_after_hello_and_resp2_never_sees_resp3() {
     r.send(&cmd_bytes(&[b"HELLO", b"4"]));
     r.expect(b"-NOPROTO unsupported protocol version\r\n");
     // The redis crate speaking RESP3 end to end.
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", proxy.port)).unwrap();
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", proxy.port)).unwrap();
     let mut con = client.get_connection_with_timeout(TIMEOUT).unwrap();
-    let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg("h").query(&mut con).unwrap();
+    let m: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg("h").query(&mut con).unwrap();
     assert_eq!(m.get("f").map(String::as_str), Some("v"));
 }
 
@@ -229,7 +260,11 @@ fn deep_pipeline_mixed_families_in_order() {
     assert_eq!(replies.len(), 10_000);
     for (i, v) in replies.iter().enumerate() {
         match i % 5 {
-            1 => assert_eq!(v, &redis::Value::BulkString((i - 1).to_string().into_bytes()), "reply {i}"),
+            1 => assert_eq!(
+                v,
+                &redis::Value::BulkString((i - 1).to_string().into_bytes()),
+                "reply {i}"
+            ),
             2 => assert_eq!(v, &redis::Value::Int(1)),
             3 => assert_eq!(v, &redis::Value::SimpleString("PONG".into())),
             _ => assert_eq!(v, &redis::Value::Okay, "reply {i}"),
@@ -250,18 +285,31 @@ fn transactions_with_watch_conflict() {
     let q: String = redis::cmd("SET").arg("w").arg(3).query(&mut a).unwrap();
     assert_eq!(q, "QUEUED");
     let r: redis::Value = redis::cmd("EXEC").query(&mut a).unwrap();
-    assert_eq!(r, redis::Value::Nil, "EXEC must abort after a WATCHed key changed");
+    assert_eq!(
+        r,
+        redis::Value::Nil,
+        "EXEC must abort after a WATCHed key changed"
+    );
     let v: i64 = redis::cmd("GET").arg("w").query(&mut b).unwrap();
     assert_eq!(v, 2);
     // Without a conflict the transaction applies atomically.
-    let (x, y): (i64, i64) = redis::pipe().atomic().incr("t", 1).incr("t", 1).query(&mut a).unwrap();
+    let (x, y): (i64, i64) = redis::pipe()
+        .atomic()
+        .incr("t", 1)
+        .incr("t", 1)
+        .query(&mut a)
+        .unwrap();
     assert_eq!((x, y), (1, 2));
     // DISCARD and errors inside MULTI behave as in Redis.
     let _: () = redis::cmd("MULTI").query(&mut a).unwrap();
     let e = redis::cmd("NOSUCH").query::<()>(&mut a).unwrap_err();
     assert!(e.to_string().contains("unknown command"), "{e}");
     let e = redis::cmd("EXEC").query::<()>(&mut a).unwrap_err();
-    assert!(e.to_string().contains("Transaction discarded because of previous errors"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Transaction discarded because of previous errors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -274,7 +322,11 @@ fn pubsub_with_patterns() {
     sub.send(&cmd_bytes(&[b"PSUBSCRIBE", b"n*"]));
     sub.expect(b"*3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:2\r\n");
     let mut publ = proxy.conn();
-    let n: i64 = redis::cmd("PUBLISH").arg("news").arg("hi").query(&mut publ).unwrap();
+    let n: i64 = redis::cmd("PUBLISH")
+        .arg("news")
+        .arg("hi")
+        .query(&mut publ)
+        .unwrap();
     assert_eq!(n, 2);
     sub.expect(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n");
     sub.expect(b"*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$2\r\nhi\r\n");
@@ -288,7 +340,11 @@ fn pubsub_with_patterns() {
     c.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut ps = c.as_pubsub();
     ps.psubscribe("ev.*").unwrap();
-    let _: i64 = redis::cmd("PUBLISH").arg("ev.1").arg("payload").query(&mut publ).unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("ev.1")
+        .arg("payload")
+        .query(&mut publ)
+        .unwrap();
     let msg = ps.get_message().unwrap();
     assert_eq!(msg.get_channel_name(), "ev.1");
     assert_eq!(msg.get_payload::<String>().unwrap(), "payload");
@@ -300,9 +356,16 @@ fn blocking_commands_with_timeouts_and_wakeups() {
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut a = proxy.conn();
     let t = Instant::now();
-    let v: Option<(String, String)> = redis::cmd("BLPOP").arg("bl").arg(0.2).query(&mut a).unwrap();
+    let v: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("bl")
+        .arg(0.2)
+        .query(&mut a)
+        .unwrap();
     assert_eq!(v, None);
-    assert!(t.elapsed() >= Duration::from_millis(150), "BLPOP returned too early");
+    assert!(
+        t.elapsed() >= Duration::from_millis(150),
+        "BLPOP returned too early"
+    );
     // Blocking on one client must not stall others sharing upstream connections.
     let port = proxy.port;
     let waiter = std::thread::spawn(move || {
@@ -314,15 +377,37 @@ fn blocking_commands_with_timeouts_and_wakeups() {
     let mut others = proxy.conn();
     let t = Instant::now();
     for i in 0..100 {
-        let _: () = redis::cmd("SET").arg("x").arg(i).query(&mut others).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("x")
+            .arg(i)
+            .query(&mut others)
+            .unwrap();
     }
     assert!(t.elapsed() < Duration::from_secs(2));
-    let _: i64 = redis::cmd("RPUSH").arg("bl").arg("item").query(&mut others).unwrap();
-    assert_eq!(waiter.join().unwrap(), ("bl".to_string(), "item".to_string()));
+    let _: i64 = redis::cmd("RPUSH")
+        .arg("bl")
+        .arg("item")
+        .query(&mut others)
+        .unwrap();
+    assert_eq!(
+        waiter.join().unwrap(),
+        ("bl".to_string(), "item".to_string())
+    );
     // Streams: XREAD BLOCK with a timeout.
-    let v: redis::Value = redis::cmd("XREAD").arg("BLOCK").arg(100).arg("STREAMS").arg("sx").arg("$").query(&mut a).unwrap();
+    let v: redis::Value = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(100)
+        .arg("STREAMS")
+        .arg("sx")
+        .arg("$")
+        .query(&mut a)
+        .unwrap();
     assert_eq!(v, redis::Value::Nil);
-    let v: redis::Value = redis::cmd("BZPOPMIN").arg("zz").arg(0.1).query(&mut a).unwrap();
+    let v: redis::Value = redis::cmd("BZPOPMIN")
+        .arg("zz")
+        .arg(0.1)
+        .query(&mut a)
+        .unwrap();
     assert_eq!(v, redis::Value::Nil);
 }
 
@@ -339,7 +424,10 @@ fn select_isolation_and_reset() {
     let _: () = redis::cmd("SET").arg("k").arg("in0").query(&mut b).unwrap();
     let v: String = redis::cmd("GET").arg("k").query(&mut a).unwrap();
     assert_eq!(v, "in3");
-    let e = redis::cmd("SELECT").arg(99).query::<()>(&mut b).unwrap_err();
+    let e = redis::cmd("SELECT")
+        .arg(99)
+        .query::<()>(&mut b)
+        .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
     let r: String = redis::cmd("RESET").query(&mut a).unwrap();
     assert_eq!(r, "RESET");
@@ -358,7 +446,11 @@ fn hundred_megabyte_value() {
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut con = proxy.conn();
     let big: Vec<u8> = (0..100 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-    let _: () = redis::cmd("SET").arg("big").arg(&big).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut con)
+        .unwrap();
     let back: Vec<u8> = redis::cmd("GET").arg("big").query(&mut con).unwrap();
     assert!(back == big, "100 MB value corrupted");
     let n: usize = redis::cmd("STRLEN").arg("big").query(&mut con).unwrap();
@@ -378,8 +470,14 @@ fn scan_cursors_cover_every_key() {
     let mut seen = std::collections::HashSet::new();
     let mut cursor = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg("sk:*").arg("COUNT").arg(100).query(&mut con).unwrap();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("sk:*")
+            .arg("COUNT")
+            .arg(100)
+            .query(&mut con)
+            .unwrap();
         seen.extend(keys);
         if next == 0 {
             break;
@@ -394,7 +492,11 @@ fn client_commands_and_quit() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut a = proxy.conn();
-    let _: () = redis::cmd("CLIENT").arg("SETNAME").arg("myapp").query(&mut a).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("myapp")
+        .query(&mut a)
+        .unwrap();
     let n: String = redis::cmd("CLIENT").arg("GETNAME").query(&mut a).unwrap();
     assert_eq!(n, "myapp");
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut a).unwrap();
@@ -415,10 +517,19 @@ fn info_has_proxy_section_and_redis_sections() {
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut con = proxy.conn();
     let info: String = redis::cmd("INFO").query(&mut con).unwrap();
-    assert!(info.contains("# Server") && info.contains("redis_version:"), "{info}");
-    assert!(info.contains("# Proxy") && info.contains("upstream_up:1"), "{info}");
+    assert!(
+        info.contains("# Server") && info.contains("redis_version:"),
+        "{info}"
+    );
+    assert!(
+        info.contains("# Proxy") && info.contains("upstream_up:1"),
+        "{info}"
+    );
     let info: String = redis::cmd("INFO").arg("proxy").query(&mut con).unwrap();
-    assert!(info.contains("# Proxy") && !info.contains("# Server"), "{info}");
+    assert!(
+        info.contains("# Proxy") && !info.contains("# Server"),
+        "{info}"
+    );
     let info: String = redis::cmd("INFO").arg("memory").query(&mut con).unwrap();
     assert!(info.contains("used_memory:") && !info.contains("# Proxy"));
 }
@@ -428,13 +539,18 @@ fn thousand_concurrent_clients() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
     let port = proxy.port;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tasks = Vec::new();
         for i in 0..1000 {
             tasks.push(tokio::spawn(async move {
-                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
                 let key = format!("c{i}");
                 let val = format!("v{i}");
                 let mut req = cmd_bytes(&[b"SET", key.as_bytes(), val.as_bytes()]);
@@ -442,7 +558,10 @@ fn thousand_concurrent_clients() {
                 s.write_all(&req).await.unwrap();
                 let want = format!("+OK\r\n${}\r\n{val}\r\n", val.len());
                 let mut got = vec![0u8; want.len()];
-                tokio::time::timeout(TIMEOUT, s.read_exact(&mut got)).await.expect("reply in time").unwrap();
+                tokio::time::timeout(TIMEOUT, s.read_exact(&mut got))
+                    .await
+                    .expect("reply in time")
+                    .unwrap();
                 assert_eq!(got, want.as_bytes());
                 s
             }));
@@ -458,7 +577,11 @@ fn thousand_concurrent_clients() {
     assert_eq!(n, 1000);
     // Few upstream connections carried them all.
     let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
-    assert!(clients.lines().count() < 20, "{} upstream connections", clients.lines().count());
+    assert!(
+        clients.lines().count() < 20,
+        "{} upstream connections",
+        clients.lines().count()
+    );
 }
 
 #[test]
@@ -489,7 +612,9 @@ fn redis_cli_session() {
         use std::io::Write;
         let stdin = child.stdin.as_mut().unwrap();
         for i in 0..1000 {
-            stdin.write_all(&cmd_bytes(&[b"SET", format!("p{i}").as_bytes(), b"x"])).unwrap();
+            stdin
+                .write_all(&cmd_bytes(&[b"SET", format!("p{i}").as_bytes(), b"x"]))
+                .unwrap();
         }
     }
     let out = child.wait_with_output().unwrap();

@@ -135,7 +135,10 @@ pub fn lookup(args: &[Bytes]) -> Option<usize> {
 }
 
 fn eq_upper(a: &[u8], upper: &[u8]) -> bool {
-    a.len() == upper.len() && a.iter().zip(upper).all(|(x, y)| x.to_ascii_uppercase() == *y)
+    a.len() == upper.len()
+        && a.iter()
+            .zip(upper)
+            .all(|(x, y)| x.to_ascii_uppercase() == *y)
 }
 
 /// Classifies a request. `id` is the result of [`lookup`].
@@ -159,7 +162,8 @@ pub fn classify(args: &[Bytes], id: Option<usize>) -> Class {
         "SELECT" => Class::Local(Local::Select),
         "RESET" => Class::Local(Local::Reset),
         "INFO" => Class::Local(Local::Info),
-        "MULTI" | "WATCH" => Class::Pin,
+        // WAIT blocks its connection although Redis does not flag it blocking.
+        "MULTI" | "WATCH" | "WAIT" | "WAITAOF" => Class::Pin,
         "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "SYNC" | "PSYNC" => Class::Tunnel,
         "CLIENT|TRACKING" | "CLIENT|REPLY" => Class::Tunnel,
         // Connection state that must live on a connection of the client's own.
@@ -179,7 +183,7 @@ pub fn classify(args: &[Bytes], id: Option<usize>) -> Class {
 
 /// The keys of a request, using the table's positions and Redis' own rules
 /// for the commands whose keys move with their arguments.
-pub fn keys<'a>(args: &'a [Bytes], id: Option<usize>) -> Vec<&'a Bytes> {
+pub fn keys(args: &[Bytes], id: Option<usize>) -> Vec<&Bytes> {
     let Some(spec) = id.and_then(spec) else {
         return Vec::new();
     };
@@ -190,7 +194,11 @@ pub fn keys<'a>(args: &'a [Bytes], id: Option<usize>) -> Vec<&'a Bytes> {
     if spec.first <= 0 {
         return Vec::new();
     }
-    let last = if spec.last < 0 { argc + spec.last as i64 } else { spec.last as i64 };
+    let last = if spec.last < 0 {
+        argc + spec.last as i64
+    } else {
+        spec.last as i64
+    };
     let step = spec.step.max(1) as i64;
     let mut out = Vec::new();
     let mut i = spec.first as i64;
@@ -201,7 +209,7 @@ pub fn keys<'a>(args: &'a [Bytes], id: Option<usize>) -> Vec<&'a Bytes> {
     out
 }
 
-fn numkeys_at<'a>(args: &'a [Bytes], at: usize, skip_before: usize) -> Vec<&'a Bytes> {
+fn numkeys_at(args: &[Bytes], at: usize, skip_before: usize) -> Vec<&Bytes> {
     let mut out: Vec<&Bytes> = args.iter().skip(1).take(skip_before).collect();
     if let Some(n) = args.get(at).and_then(|a| crate::resp::parse_int(a)) {
         let n = n.max(0) as usize;
@@ -259,7 +267,10 @@ mod tests {
     use super::*;
 
     fn a(parts: &[&str]) -> Vec<Bytes> {
-        parts.iter().map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+        parts
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect()
     }
 
     fn class(parts: &[&str]) -> Class {
@@ -272,7 +283,10 @@ mod tests {
         assert!(count() >= 240, "table has {} rows", count());
         let args = a(&["get", "k"]);
         let s = spec(lookup(&args).unwrap()).unwrap();
-        assert_eq!((s.name, s.arity, s.first, s.last, s.step), ("GET", 2, 1, 1, 1));
+        assert_eq!(
+            (s.name, s.arity, s.first, s.last, s.step),
+            ("GET", 2, 1, 1, 1)
+        );
         assert!(s.has(flags::READONLY) && s.has(flags::FAST));
         let args = a(&["client", "setname", "x"]);
         assert_eq!(name(lookup(&args).unwrap()), "CLIENT|SETNAME");
@@ -292,8 +306,14 @@ mod tests {
         assert_eq!(class(&["blpop", "k", "0"]), Class::Pin);
         assert_eq!(class(&["BZPOPMIN", "k", "0"]), Class::Pin);
         assert_eq!(class(&["wait", "0", "0"]), Class::Pin);
-        assert_eq!(class(&["xread", "count", "1", "streams", "s", "0"]), Class::Pass);
-        assert_eq!(class(&["xread", "block", "0", "streams", "s", "0"]), Class::Pin);
+        assert_eq!(
+            class(&["xread", "count", "1", "streams", "s", "0"]),
+            Class::Pass
+        );
+        assert_eq!(
+            class(&["xread", "block", "0", "streams", "s", "0"]),
+            Class::Pin
+        );
         assert_eq!(class(&["subscribe", "c"]), Class::Tunnel);
         assert_eq!(class(&["psubscribe", "c*"]), Class::Tunnel);
         assert_eq!(class(&["monitor"]), Class::Tunnel);
@@ -324,7 +344,10 @@ mod tests {
         assert_eq!(k(&["BLPOP", "a", "b", "0"]), ["a", "b"]);
         assert_eq!(k(&["EVAL", "s", "2", "a", "b", "x"]), ["a", "b"]);
         assert_eq!(k(&["ZUNIONSTORE", "d", "2", "a", "b"]), ["d", "a", "b"]);
-        assert_eq!(k(&["XREAD", "COUNT", "1", "STREAMS", "s1", "s2", "0", "0"]), ["s1", "s2"]);
+        assert_eq!(
+            k(&["XREAD", "COUNT", "1", "STREAMS", "s1", "s2", "0", "0"]),
+            ["s1", "s2"]
+        );
         assert_eq!(k(&["SORT", "l", "STORE", "d"]), ["l", "d"]);
         assert_eq!(k(&["PING"]), Vec::<String>::new());
         assert_eq!(k(&["nosuch", "a"]), Vec::<String>::new());

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_for_port(port: u16, child: &mut Child, what: &str) {
@@ -46,28 +50,45 @@ impl RedisServer {
 
     /// Starts on a given port (used to restart a server where it was).
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!("respite-test-redis-{port}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("respite-test-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .args(["--enable-debug-command", "local"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().expect("redis-server must be installed (scripts/test installs it)");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--enable-debug-command", "local"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
         wait_for_port(port, &mut child, "redis-server");
         let s = RedisServer { port, child, dir };
         // Listening is not ready: wait until it answers PING.
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Ok(mut c) = s.client().get_connection_with_timeout(Duration::from_secs(1)) {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    break;
-                }
+            if let Ok(mut c) = s
+                .client()
+                .get_connection_with_timeout(Duration::from_secs(1))
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                break;
             }
-            assert!(Instant::now() < deadline, "redis-server never answered PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never answered PING"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         s
@@ -87,7 +108,10 @@ impl RedisServer {
 
     /// Calls of one command recorded by the server (INFO commandstats).
     pub fn calls(&self, cmd: &str) -> u64 {
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()).unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn())
+            .unwrap();
         let key = format!("cmdstat_{}:calls=", cmd.to_lowercase());
         info.lines()
             .find_map(|l| l.strip_prefix(&key))
@@ -157,7 +181,12 @@ impl Proxy {
         }
         let mut child = cmd.spawn().unwrap();
         wait_for_port(port, &mut child, "respite");
-        Proxy { port, metrics_port, child: Some(child), log }
+        Proxy {
+            port,
+            metrics_port,
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -183,21 +212,30 @@ impl Proxy {
     /// Sends a signal and waits for exit; returns the exit status.
     pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
         let child = self.child.as_mut().unwrap();
-        Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 self.child = None;
                 return st;
             }
-            assert!(Instant::now() < deadline, "respite did not exit after SIG{sig}");
+            assert!(
+                Instant::now() < deadline,
+                "respite did not exit after SIG{sig}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn signal(&self, sig: &str) {
         let child = self.child.as_ref().unwrap();
-        Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
     }
 }
 
@@ -253,9 +291,15 @@ impl Raw {
         let mut off = 0;
         while off < n {
             match self.s.read(&mut got[off..]) {
-                Ok(0) => panic!("connection closed after {off} of {n} bytes: {:?}", String::from_utf8_lossy(&got[..off])),
+                Ok(0) => panic!(
+                    "connection closed after {off} of {n} bytes: {:?}",
+                    String::from_utf8_lossy(&got[..off])
+                ),
                 Ok(m) => off += m,
-                Err(e) => panic!("read failed after {off} of {n} bytes ({e}): {:?}", String::from_utf8_lossy(&got[..off])),
+                Err(e) => panic!(
+                    "read failed after {off} of {n} bytes ({e}): {:?}",
+                    String::from_utf8_lossy(&got[..off])
+                ),
             }
         }
         got

@@ -1,0 +1,530 @@
+//! Bad input, limits, upstream failures, local mode, admin, metrics and
+//! signals: every failure is a clear error for the one client concerned and
+//! everything else keeps working.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn ping_ok(p: &Proxy) {
+    let mut c = p.conn();
+    let r: String = redis::cmd("PING").query(&mut c).unwrap();
+    assert_eq!(r, "PONG");
+}
+
+#[test]
+fn malformed_resp_gets_error_and_close_others_unaffected() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &redis.url(),
+        &[
+            "--set",
+            "limits.max_bulk_bytes=1048576",
+            "--set",
+            "limits.max_multibulk_len=1000",
+        ],
+    );
+    let mut bystander = proxy.conn();
+    let cases: &[(&[u8], &str)] = &[
+        (
+            b"*2\r\n$3\r\nGET\r\n:1\r\n",
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            b"*1\r\n$-5\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*1\r\n$99999999999\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*1\r\n$2000000\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*5000\r\n",
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"*x\r\n",
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"*1\r\n$3\r\nabcde\r\n",
+            "-ERR Protocol error: bulk string not terminated by CRLF\r\n",
+        ),
+        (
+            b"SET \"unbalanced\r\n",
+            "-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+    ];
+    for (input, want) in cases {
+        let mut r = proxy.raw();
+        r.send(input);
+        let got = r.read_to_close();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            *want,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    // A too-long inline request without a newline.
+    let mut r = proxy.raw();
+    r.send(&vec![b'a'; 70 * 1024]);
+    assert_eq!(
+        r.read_to_close(),
+        b"-ERR Protocol error: too big inline request\r\n"
+    );
+    // Valid commands before the bad one are answered first.
+    let mut r = proxy.raw();
+    let mut req = cmd_bytes(&[b"SET", b"k", b"v"]);
+    req.extend(cmd_bytes(&[b"GET", b"k"]));
+    req.extend(b"*1\r\n$x\r\n");
+    r.send(&req);
+    assert_eq!(
+        String::from_utf8_lossy(&r.read_to_close()),
+        "+OK\r\n$1\r\nv\r\n-ERR Protocol error: invalid bulk length\r\n"
+    );
+    let v: String = redis::cmd("GET").arg("k").query(&mut bystander).unwrap();
+    assert_eq!(v, "v");
+    // Unknown commands are Redis' answer, not a disconnect.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"FOOBAR", b"x"]));
+    r.expect(b"-ERR unknown command 'FOOBAR', with args beginning with: 'x' \r\n");
+    r.send(&cmd_bytes(&[b"PING"]));
+    r.expect(b"+PONG\r\n");
+    // Empty multibulk and blank lines are skipped like Redis does.
+    r.send(b"*0\r\n\r\n*1\r\n$4\r\nPING\r\n");
+    r.expect(b"+PONG\r\n");
+    let m = proxy.metrics();
+    assert!(m.contains("respite_errors_total{kind=\"protocol\"}"), "{m}");
+}
+
+#[test]
+fn request_split_byte_by_byte() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut r = proxy.raw();
+    let req = cmd_bytes(&[b"SET", b"drip", b"value"]);
+    for b in &req {
+        r.send(&[*b]);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    r.expect(b"+OK\r\n");
+}
+
+#[test]
+fn max_clients_rejects_with_clear_error() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "server.max_clients=3"]);
+    let held: Vec<_> = (0..3).map(|_| proxy.conn()).collect();
+    let mut extra = proxy.raw();
+    assert_eq!(
+        String::from_utf8_lossy(&extra.read_to_close()),
+        "-ERR max number of clients reached\r\n"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    ping_ok(&proxy);
+}
+
+#[test]
+fn idle_timeout_closes_idle_clients_only() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "server.idle_timeout_ms=300"]);
+    let mut idle = proxy.raw();
+    let mut busy = proxy.conn();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(800) {
+        let _: String = redis::cmd("PING").query(&mut busy).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle.is_closed(), "idle client not closed");
+    // A client blocked in a long command is not idle.
+    let mut blocked = proxy.conn();
+    let v: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("nothing")
+        .arg(0.6)
+        .query(&mut blocked)
+        .unwrap();
+    assert_eq!(v, None);
+}
+
+#[test]
+fn slow_reader_is_disconnected_memory_stays_bounded() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "limits.max_output_bytes=1048576"]);
+    let mut c = proxy.conn();
+    let big = vec![b'x'; 512 * 1024];
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut c)
+        .unwrap();
+    // Ask for 400 MB of replies and never read them.
+    let mut r = proxy.raw();
+    let get = cmd_bytes(&[b"GET", b"big"]);
+    let mut sent = 0;
+    r.s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    for _ in 0..800 {
+        use std::io::Write;
+        if r.s.write_all(&get).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = proxy.metrics();
+        if m.contains("respite_errors_total{kind=\"output_overflow\"}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slow reader never disconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ping_ok(&proxy);
+}
+
+#[test]
+fn upstream_down_gives_fast_errors_then_recovers() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let proxy = Proxy::start(&redis.url(), &["--set", "upstream.reconnect_max_ms=200"]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    redis.stop();
+    // In-flight or new: an error within a bounded time, never a hang.
+    let t = Instant::now();
+    let mut saw_error = false;
+    for _ in 0..5 {
+        if let Err(e) = redis::cmd("GET").arg("k").query::<Option<String>>(&mut c) {
+            let s = e.to_string();
+            assert!(s.contains("upstream"), "unclear error: {s}");
+            saw_error = true;
+        }
+    }
+    assert!(saw_error);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "errors took {:?}",
+        t.elapsed()
+    );
+    let mut raw = proxy.raw();
+    raw.send(&cmd_bytes(&[b"GET", b"k"]));
+    let mut line = raw.read_n(9);
+    line.extend(raw.read_n(1));
+    assert!(
+        line.starts_with(b"-TRYAGAIN"),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    // The health is visible.
+    let up: redis::Value = redis::cmd("PROXY").arg("UPSTREAM").query(&mut c).unwrap();
+    assert!(format!("{up:?}").contains("down"), "{up:?}");
+    assert!(proxy.metrics().contains("respite_upstream_up 0"));
+    // Restart Redis on the same port: the proxy reconnects on its own.
+    let _redis = RedisServer::start_on(port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(()) = redis::cmd("SET").arg("k2").arg("v2").query::<()>(&mut c) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "proxy did not reconnect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v: String = redis::cmd("GET").arg("k2").query(&mut c).unwrap();
+    assert_eq!(v, "v2");
+}
+
+#[test]
+fn upstream_killed_mid_load_no_hang_no_wrong_reply() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let proxy = Proxy::start(&redis.url(), &["--set", "upstream.reconnect_max_ms=200"]);
+    let pport = proxy.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut err) = (0u64, 0u64);
+                let mut c = conn_to(pport);
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("w{w}");
+                    let mut p = redis::pipe();
+                    p.cmd("SET").arg(&key).arg(i).cmd("GET").arg(&key);
+                    match p.query::<((), u64)>(&mut c) {
+                        Ok(((), v)) => {
+                            assert_eq!(v, i, "reply out of step");
+                            ok += 1;
+                        }
+                        Err(e) => {
+                            assert!(e.to_string().contains("upstream") || e.is_io_error(), "{e}");
+                            err += 1;
+                            if e.is_io_error() {
+                                c = conn_to(pport);
+                            }
+                        }
+                    }
+                }
+                (ok, err)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    let _redis = RedisServer::start_on(port, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut err) = (0, 0);
+    for w in workers {
+        let (o, e) = w.join().expect("worker panicked");
+        ok += o;
+        err += e;
+    }
+    assert!(ok > 100 && err > 0, "ok={ok} err={err}");
+    ping_ok(&proxy);
+}
+
+#[test]
+fn upstream_timeout_bounds_the_wait() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "upstream.timeout_ms=400"]);
+    let mut c = proxy.conn();
+    let t = Instant::now();
+    // DEBUG SLEEP stalls the whole server, like a hung Redis would.
+    let e = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(2)
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("upstream timeout"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    ping_ok(&proxy);
+}
+
+#[test]
+fn configured_upstream_never_falls_back_silently() {
+    let dead = free_port();
+    let proxy = Proxy::start(&format!("redis://127.0.0.1:{dead}"), &[]);
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"SET", b"k", b"v"]));
+    let t = Instant::now();
+    let got = r.read_n(10);
+    assert!(
+        got.starts_with(b"-TRYAGAIN "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // Local admin commands still work.
+    r.send(&cmd_bytes(&[b"PING"]));
+    let _ = r.read_n(1);
+}
+
+#[test]
+fn local_fallback_mode_serves_strings() {
+    let proxy = Proxy::start_args(&["--set".into(), "upstream.fallback=local".into()]);
+    assert!(
+        proxy.log().contains("IN-PROCESS"),
+        "no loud warning: {}",
+        proxy.log()
+    );
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .arg("EX")
+        .arg(100)
+        .query(&mut c)
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    let n: i64 = redis::cmd("INCRBY").arg("n").arg(5).query(&mut c).unwrap();
+    assert_eq!(n, 5);
+    let ttl: i64 = redis::cmd("TTL").arg("k").query(&mut c).unwrap();
+    assert!(ttl > 90);
+    let e = redis::cmd("LPUSH")
+        .arg("l")
+        .arg("x")
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("local fallback mode"), "{e}");
+    let info: String = redis::cmd("INFO").query(&mut c).unwrap();
+    assert!(info.contains("proxy_backend:local"), "{info}");
+    let _: () = redis::cmd("SELECT").arg(2).query(&mut c).unwrap();
+    let v: Option<String> = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, None);
+}
+
+#[test]
+fn admin_commands_via_redis_cli() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &proxy.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = cli(&["PROXY", "INFO"]);
+    assert!(
+        info.contains("proxy_version:") && info.contains("upstream_up:1"),
+        "{info}"
+    );
+    let got = cli(&["PROXY", "CONFIG", "GET", "limits.*"]);
+    assert!(got.contains("limits.max_bulk_bytes"), "{got}");
+    assert_eq!(
+        cli(&["PROXY", "CONFIG", "SET", "limits.max_bulk_bytes", "100"]).trim(),
+        "OK"
+    );
+    let got = cli(&["PROXY", "CONFIG", "GET", "limits.max_bulk_bytes"]);
+    assert!(got.contains("100"), "{got}");
+    // The new limit applies to new requests at once.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"SET", b"k", &[b'x'; 200]]));
+    assert_eq!(
+        String::from_utf8_lossy(&r.read_to_close()),
+        "-ERR Protocol error: invalid bulk length\r\n"
+    );
+    assert!(
+        cli(&["PROXY", "CONFIG", "SET", "upstream.url", "redis://x"])
+            .contains("cannot be changed at runtime")
+    );
+    assert!(cli(&["PROXY", "CONFIG", "SET", "limits.max_pipeline", "zero"]).contains("ERR"));
+    assert!(cli(&["PROXY", "CLIENTS"]).contains("addr=127.0.0.1"));
+    assert!(cli(&["PROXY", "NOPE"]).contains("unknown subcommand"));
+    assert!(cli(&["PROXY", "STATS"]).contains("total_commands"));
+}
+
+#[test]
+fn metrics_endpoint_has_real_histograms() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    for _ in 0..10 {
+        let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    }
+    let _ = redis::cmd("NOSUCH").query::<()>(&mut c);
+    let m = proxy.metrics();
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(
+        m.contains("respite_commands_total{cmd=\"set\",result=\"ok\"} 10"),
+        "{m}"
+    );
+    assert!(
+        m.contains("respite_command_duration_seconds_bucket{cmd=\"set\",le=\"0.001\"}"),
+        "{m}"
+    );
+    assert!(m.contains("respite_clients_connected 1"), "{m}");
+    assert!(m.contains("respite_upstream_up 1"), "{m}");
+    assert!(m.contains("respite_client_bytes_in_total"), "{m}");
+    assert!(http_get(proxy.metrics_port, "/health").contains("200 OK"));
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    let redis = RedisServer::start();
+    let mut proxy = Proxy::start(&redis.url(), &[]);
+    let port = proxy.port;
+    let inflight = std::thread::spawn(move || {
+        let mut c = conn_to(port);
+        let v: Option<(String, String)> =
+            redis::cmd("BLPOP").arg("q").arg(0.7).query(&mut c).unwrap();
+        v
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let status = proxy.signal_and_wait("TERM");
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        inflight.join().unwrap(),
+        None,
+        "in-flight BLPOP must get its reply"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting"
+    );
+}
+
+#[test]
+fn sighup_reloads_config_file() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("respite-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("respite.toml");
+    std::fs::write(&file, "[limits]\nmax_pipeline = 100\n").unwrap();
+    let proxy = Proxy::start(&redis.url(), &["-c", file.to_str().unwrap()]);
+    let mut c = proxy.conn();
+    let get = |c: &mut redis::Connection| -> String {
+        let v: redis::Value = redis::cmd("PROXY")
+            .arg("CONFIG")
+            .arg("GET")
+            .arg("limits.max_pipeline")
+            .query(c)
+            .unwrap();
+        format!("{v:?}")
+    };
+    assert!(get(&mut c).contains("100"));
+    std::fs::write(&file, "[limits]\nmax_pipeline = 200\n").unwrap();
+    proxy.signal("HUP");
+    let deadline = Instant::now() + TIMEOUT;
+    while !get(&mut c).contains("200") {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A broken file leaves the running configuration in place.
+    std::fs::write(&file, "[limits]\nmax_pipeline = \"x\"\n").unwrap();
+    let r: redis::RedisResult<()> = redis::cmd("PROXY")
+        .arg("CONFIG")
+        .arg("RELOAD")
+        .query(&mut c);
+    assert!(r.unwrap_err().to_string().contains("reload failed"));
+    assert!(get(&mut c).contains("200"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn check_subcommand_validates() {
+    let dir = std::env::temp_dir().join(format!("respite-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[server]\nlisten = \"0.0.0.0:6380\"\n").unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten_addr = \"x\"\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_respite");
+    let out = std::process::Command::new(bin)
+        .args(["check", "-c", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not a loopback address"), "{text}");
+    let out = std::process::Command::new(bin)
+        .args(["check", "-c", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
+    let out = std::process::Command::new(bin)
+        .args(["--check", "--set", "server.listen=bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).ok();
+}
