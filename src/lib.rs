@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod check;
 pub mod command;
+pub mod compress;
 pub mod config;
 pub mod local;
 pub mod logging;
