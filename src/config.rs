@@ -43,11 +43,14 @@ pub struct ServerConfig {
     /// 0 disables, as Redis' `timeout 0`.
     pub idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// Worker threads; 0 = one per CPU core, 1 = a single-threaded runtime.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            threads: 0,
             listen: "127.0.0.1:6380".into(),
             max_clients: 10_000,
             idle_timeout_ms: 0,

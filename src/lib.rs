@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ai;
 pub mod check;
 pub mod command;
 pub mod compress;

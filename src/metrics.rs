@@ -15,16 +15,35 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 10.0,
 ];
 
-struct CmdHandles {
-    ok: Counter,
-    err: Counter,
-    latency: Histogram,
+/// Per-command counters and latency histogram. Kept in plain atomics
+/// (rendered by [`Metrics::render_commands`]) because they are touched for
+/// every command: a bucket index and three relaxed adds, no registry lookup.
+struct CmdStats {
+    ok: AtomicU64,
+    err: AtomicU64,
+    /// Non-cumulative counts per bucket; the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl CmdStats {
+    fn new() -> Self {
+        CmdStats {
+            ok: AtomicU64::new(0),
+            err: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_bounds_ns() -> &'static [u64; LATENCY_BUCKETS.len()] {
+    static B: OnceLock<[u64; LATENCY_BUCKETS.len()]> = OnceLock::new();
+    B.get_or_init(|| std::array::from_fn(|i| (LATENCY_BUCKETS[i] * 1e9) as u64))
 }
 
 pub struct Metrics {
-    cmd_counts: Vec<AtomicU64>,
-    cmd_errors: Vec<AtomicU64>,
-    cmd_handles: Vec<OnceLock<CmdHandles>>,
+    cmds: Vec<CmdStats>,
     pub clients: AtomicI64,
     pub clients_total: AtomicU64,
     pub rejected: AtomicU64,
@@ -49,9 +68,7 @@ impl Metrics {
     pub fn new() -> Self {
         let n = command::count() + 1;
         Metrics {
-            cmd_counts: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            cmd_errors: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            cmd_handles: (0..n).map(|_| OnceLock::new()).collect(),
+            cmds: (0..n).map(|_| CmdStats::new()).collect(),
             clients: AtomicI64::new(0),
             clients_total: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -67,32 +84,79 @@ impl Metrics {
         }
     }
 
-    fn handles(&self, id: usize) -> &CmdHandles {
-        self.cmd_handles[id].get_or_init(|| {
-            let name = command::name(id).to_ascii_lowercase();
-            CmdHandles {
-                ok: metrics::counter!("respite_commands_total", "cmd" => name.clone(), "result" => "ok"),
-                err: metrics::counter!("respite_commands_total", "cmd" => name.clone(), "result" => "error"),
-                latency: metrics::histogram!("respite_command_duration_seconds", "cmd" => name),
-            }
-        })
-    }
-
     /// Records one finished command. `id` is the table id or
     /// `command::count()` for unknown commands.
     pub fn command(&self, id: usize, error: bool, latency: Option<Duration>) {
-        let id = id.min(self.cmd_counts.len() - 1);
-        self.cmd_counts[id].fetch_add(1, Ordering::Relaxed);
-        let h = self.handles(id);
+        let c = &self.cmds[id.min(self.cmds.len() - 1)];
         if error {
-            self.cmd_errors[id].fetch_add(1, Ordering::Relaxed);
-            h.err.increment(1);
+            c.err.fetch_add(1, Ordering::Relaxed);
         } else {
-            h.ok.increment(1);
+            c.ok.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(l) = latency {
-            h.latency.record(l.as_secs_f64());
+            let ns = l.as_nanos().min(u64::MAX as u128) as u64;
+            let i = bucket_bounds_ns().partition_point(|&b| b < ns);
+            c.buckets[i].fetch_add(1, Ordering::Relaxed);
+            c.sum_ns.fetch_add(ns, Ordering::Relaxed);
         }
+    }
+
+    /// Prometheus text for the per-command families.
+    pub fn render_commands(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        s.push_str("# HELP respite_commands_total Commands by name and result.\n");
+        s.push_str("# TYPE respite_commands_total counter\n");
+        for (i, c) in self.cmds.iter().enumerate() {
+            let name = command::name(i).to_ascii_lowercase();
+            for (res, v) in [("ok", &c.ok), ("error", &c.err)] {
+                let v = v.load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        s,
+                        "respite_commands_total{{cmd=\"{name}\",result=\"{res}\"}} {v}"
+                    );
+                }
+            }
+        }
+        s.push_str(
+            "# HELP respite_command_duration_seconds Time from dispatch to reply, per command.\n",
+        );
+        s.push_str("# TYPE respite_command_duration_seconds histogram\n");
+        for (i, c) in self.cmds.iter().enumerate() {
+            let counts: Vec<u64> = c
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let name = command::name(i).to_ascii_lowercase();
+            let mut cum = 0;
+            for (j, le) in LATENCY_BUCKETS.iter().enumerate() {
+                cum += counts[j];
+                let _ = writeln!(
+                    s,
+                    "respite_command_duration_seconds_bucket{{cmd=\"{name}\",le=\"{le}\"}} {cum}"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "respite_command_duration_seconds_bucket{{cmd=\"{name}\",le=\"+Inf\"}} {total}"
+            );
+            let sum = c.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                s,
+                "respite_command_duration_seconds_sum{{cmd=\"{name}\"}} {sum}"
+            );
+            let _ = writeln!(
+                s,
+                "respite_command_duration_seconds_count{{cmd=\"{name}\"}} {total}"
+            );
+        }
+        s
     }
 
     pub fn client_connected(&self) {
@@ -146,26 +210,21 @@ impl Metrics {
 
     /// (name, calls, errors) for every command seen, for `PROXY STATS`.
     pub fn command_counts(&self) -> Vec<(&'static str, u64, u64)> {
-        self.cmd_counts
+        self.cmds
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
-                let n = c.load(Ordering::Relaxed);
-                (n > 0).then(|| {
-                    (
-                        command::name(i),
-                        n,
-                        self.cmd_errors[i].load(Ordering::Relaxed),
-                    )
-                })
+                let err = c.err.load(Ordering::Relaxed);
+                let n = c.ok.load(Ordering::Relaxed) + err;
+                (n > 0).then(|| (command::name(i), n, err))
             })
             .collect()
     }
 
     pub fn total_commands(&self) -> u64 {
-        self.cmd_counts
+        self.cmds
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .map(|c| c.ok.load(Ordering::Relaxed) + c.err.load(Ordering::Relaxed))
             .sum()
     }
 }
@@ -193,6 +252,7 @@ pub fn install_prometheus() -> Option<metrics_exporter_prometheus::PrometheusHan
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: metrics_exporter_prometheus::PrometheusHandle,
+    ours: Arc<Metrics>,
     up: Option<Arc<crate::upstream::Upstream>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -211,6 +271,7 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
         };
         let handle = handle.clone();
+        let ours = ours.clone();
         let up = up.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -239,7 +300,7 @@ pub async fn serve(
                 .to_string();
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", handle.render()),
+                "/metrics" => ("200 OK", handle.render() + &ours.render_commands()),
                 "/health" => {
                     if up
                         .as_ref()

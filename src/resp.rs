@@ -41,13 +41,16 @@ fn perr<T>(msg: impl Into<String>) -> Result<T, ProtocolError> {
     Err(ProtocolError(msg.into()))
 }
 
+pub type ArgRanges = smallvec::SmallVec<[Range<usize>; 4]>;
+
 /// One parsed request: byte ranges relative to the start of the buffer that
 /// was parsed. `inline` requests have no RESP form in the buffer and must be
 /// re-encoded before forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedRange {
     pub len: usize,
-    pub args: Vec<Range<usize>>,
+    /// Inline storage covers GET/SET-sized commands without an allocation.
+    pub args: ArgRanges,
     pub inline: bool,
 }
 
@@ -139,11 +142,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError
         // Redis treats "*0" and "*-1" as an empty request and skips it.
         return Ok(Parse::Complete(ParsedRange {
             len: pos,
-            args: Vec::new(),
+            args: ArgRanges::new(),
             inline: false,
         }));
     }
-    let mut args = Vec::with_capacity(n as usize);
+    let mut args = ArgRanges::with_capacity(n.min(1024) as usize);
     for _ in 0..n {
         if pos >= buf.len() {
             return Ok(Parse::Incomplete { need: pos + 4 });
@@ -215,8 +218,8 @@ fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Parse, ProtocolError> {
 /// as ranges of the input, so they are unsupported only in the sense that the
 /// range covers the raw quoted text; callers re-encode inline requests via
 /// [`inline_args`], which unescapes.
-fn split_inline(line: &[u8]) -> Option<Vec<Range<usize>>> {
-    let mut out = Vec::new();
+fn split_inline(line: &[u8]) -> Option<ArgRanges> {
+    let mut out = ArgRanges::new();
     let mut i = 0;
     while i < line.len() {
         while i < line.len() && line[i].is_ascii_whitespace() {

@@ -219,7 +219,13 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
                 Backend::Upstream(u) => Some(u.clone()),
                 Backend::Local(_) => None,
             };
-            tokio::spawn(crate::metrics::serve(ml, handle, up, shutdown.clone()));
+            tokio::spawn(crate::metrics::serve(
+                ml,
+                handle,
+                metrics.clone(),
+                up,
+                shutdown.clone(),
+            ));
         }
     }
     let rt = Runtime::default();
@@ -297,7 +303,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         shared.metrics.client_connected();
         let sh = shared.clone();
         tokio::spawn(async move {
-            crate::session::run(sock, sh.clone(), entry).await;
+            let (rd, wr) = sock.into_split();
+            crate::session::run(rd, wr, sh.clone(), entry).await;
             sh.clients.remove(&id);
             sh.metrics.client_disconnected();
         });

@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 /// How the writer post-processes an upstream reply before the client sees it.
@@ -33,7 +33,7 @@ enum Post {
     Info,
 }
 
-enum Out<S> {
+enum Out<W> {
     Ready(Bytes),
     Up {
         rx: ReplyRx,
@@ -48,7 +48,7 @@ enum Out<S> {
         count: u32,
     },
     /// Hand the write half back to the reader (for tunnelling).
-    Handoff(oneshot::Sender<WriteHalf<S>>),
+    Handoff(oneshot::Sender<W>),
     /// Flush and close the connection (QUIT, protocol errors).
     Close,
 }
@@ -76,7 +76,7 @@ impl Link {
 }
 
 /// Commands that the proxy answers or steers; every other reply comes from Redis.
-pub struct Session<S> {
+pub struct Session<W> {
     id: u64,
     shared: Arc<Shared>,
     entry: Arc<ClientEntry>,
@@ -84,7 +84,7 @@ pub struct Session<S> {
     db: u32,
     conn: Option<Conn>,
     pinned: Option<(Conn, crate::upstream::Detach)>,
-    tx: mpsc::Sender<Out<S>>,
+    tx: mpsc::Sender<Out<W>>,
     link: Arc<Link>,
     quit: bool,
 }
@@ -98,11 +98,11 @@ enum Flow {
 type Run = Option<(usize, usize, Vec<u16>)>;
 
 /// Runs a client connection to completion.
-pub async fn run<S>(stream: S, shared: Arc<Shared>, entry: Arc<ClientEntry>)
+pub async fn run<R, W>(mut rd: R, wr: W, shared: Arc<Shared>, entry: Arc<ClientEntry>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
     let cap = shared.rt.max_pipeline.load(Ordering::Relaxed).max(1);
     let (tx, rx) = mpsc::channel(cap);
     let out = Arc::new(OutBytes::default());
@@ -196,7 +196,7 @@ where
             if s.tx.send(Out::Handoff(htx)).await.is_ok()
                 && let Ok(wr) = hrx.await
             {
-                s.tunnel(rd.unsplit(wr), first, buf).await;
+                s.tunnel(rd, wr, first).await;
             }
         }
         _ => {
@@ -210,9 +210,9 @@ where
     }
 }
 
-impl<S> Session<S>
+impl<W> Session<W>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     /// Parses and dispatches every complete request in `buf`.
     async fn process(&mut self, buf: &mut BytesMut, need: &mut usize) -> Flow {
@@ -246,6 +246,23 @@ where
             if p.args.is_empty() {
                 continue;
             }
+            let (id, class) = if p.inline {
+                (None, None)
+            } else {
+                let view = command::RawArgs {
+                    buf: &chunk[*start..*start + p.len],
+                    ranges: &p.args,
+                };
+                let id = command::lookup(&view);
+                (id, Some(command::classify(&view, id)))
+            };
+            self.entry.commands.fetch_add(1, Ordering::Relaxed);
+            if class == Some(Class::Pass) && self.pinned.is_none() && !self.is_local() {
+                let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
+                r.2.push(id.unwrap_or(command::count()) as u16);
+                r.1 = *start + p.len;
+                continue;
+            }
             let raw = chunk.slice(*start..*start + p.len);
             let args: Vec<Bytes> = if p.inline {
                 p.args
@@ -255,15 +272,13 @@ where
             } else {
                 p.args.iter().map(|r| raw.slice(r.clone())).collect()
             };
-            let id = command::lookup(&args);
-            let class = command::classify(&args, id);
-            self.entry.commands.fetch_add(1, Ordering::Relaxed);
-            if class == Class::Pass && !p.inline && self.pinned.is_none() && !self.is_local() {
-                let ids = &mut run.get_or_insert_with(|| (*start, *start, Vec::new())).2;
-                ids.push(id.unwrap_or(command::count()) as u16);
-                run.as_mut().unwrap().1 = *start + p.len;
-                continue;
-            }
+            let (id, class) = match class {
+                Some(c) => (id, c),
+                None => {
+                    let id = command::lookup(&args);
+                    (id, command::classify(&args, id))
+                }
+            };
             self.flush_run(&chunk, &mut run).await;
             // Inline requests are forwarded in RESP form.
             let raw = if p.inline {
@@ -308,7 +323,7 @@ where
         matches!(self.shared.backend, Backend::Local(_))
     }
 
-    async fn push(&mut self, o: Out<S>) {
+    async fn push(&mut self, o: Out<W>) {
         self.link.outstanding.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(o).await.is_err() {
             self.quit = true;
@@ -643,7 +658,7 @@ where
 
     /// Bytes both ways between the client and a dedicated upstream
     /// connection until either side closes.
-    async fn tunnel(mut self, client: S, first: Bytes, _rest: BytesMut) {
+    async fn tunnel<R: AsyncRead + Unpin>(mut self, mut crd: R, mut cwr: W, first: Bytes) {
         let up = match self.pinned.take() {
             Some((_, detach)) => detach.detach().await.map_err(|e| e.to_string()),
             None => match &self.shared.backend {
@@ -654,28 +669,27 @@ where
                 Backend::Local(_) => Err("subscriptions are not available in local mode".into()),
             },
         };
-        let mut client = client;
-        let mut upstream = match up {
+        let mut up = match up {
             Ok(s) => s,
             Err(e) => {
-                let _ = client
-                    .write_all(&resp::error_bytes(&format!(
-                        "TRYAGAIN upstream unavailable ({e})"
-                    )))
-                    .await;
+                let msg = format!("TRYAGAIN upstream unavailable ({e})");
+                let _ = cwr.write_all(&resp::error_bytes(&msg)).await;
                 return;
             }
         };
         self.entry.pinned.store(true, Ordering::Relaxed);
-        if upstream.write_all(&first).await.is_err() {
+        if up.w.write_all(&first).await.is_err() {
             return;
         }
         let shutdown = self.shared.shutdown.clone();
+        // Either side closing ends the tunnel (Redis closes a subscriber's
+        // connection the same way).
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Ok((a, b)) = r {
-                    self.shared.metrics.bytes(a as usize, b as usize);
-                }
+            r = tokio::io::copy(&mut crd, &mut up.w) => {
+                if let Ok(n) = r { self.shared.metrics.bytes(n as usize, 0); }
+            }
+            r = tokio::io::copy(&mut up.r, &mut cwr) => {
+                if let Ok(n) = r { self.shared.metrics.bytes(0, n as usize); }
             }
             _ = shutdown.cancelled() => {}
         }
@@ -689,13 +703,9 @@ enum HelloOutcome {
 
 /// Writes replies in order. Small replies are coalesced into one write;
 /// large ones are written from their own buffers.
-async fn writer<S>(
-    mut w: WriteHalf<S>,
-    mut rx: mpsc::Receiver<Out<S>>,
-    link: Arc<Link>,
-    shared: Arc<Shared>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+async fn writer<W>(mut w: W, mut rx: mpsc::Receiver<Out<W>>, link: Arc<Link>, shared: Arc<Shared>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let metrics = shared.metrics.clone();

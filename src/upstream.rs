@@ -26,10 +26,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Any byte stream to Redis (plain TCP now, TLS later).
-pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
-pub type UpStream = Box<dyn AsyncStream>;
+pub type UpRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type UpWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A byte stream to Redis as two halves (plain TCP now, TLS later). TCP is
+/// split without a lock (`into_split`), which matters on the hot path.
+pub struct UpStream {
+    pub r: UpRead,
+    pub w: UpWrite,
+}
 
 /// Why an upstream request failed; each becomes one error reply per command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,7 +179,11 @@ pub async fn open_stream(
                 "rediss:// (TLS to the upstream) is not supported by this build yet".to_string(),
             );
         }
-        let mut s: UpStream = Box::new(tcp);
+        let (r, w) = tcp.into_split();
+        let mut s = UpStream {
+            r: Box::new(r),
+            w: Box::new(w),
+        };
         let version = handshake(&mut s, hs).await?;
         Ok((s, version))
     };
@@ -204,7 +213,7 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
     }
     resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", hs.name.as_bytes()], &mut out);
     n += 1;
-    s.write_all(&out)
+    s.w.write_all(&out)
         .await
         .map_err(|e| format!("handshake write: {e}"))?;
     let mut buf = BytesMut::with_capacity(4096);
@@ -215,7 +224,8 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
             if let Some(end) = sc.next_frame(&buf).map_err(|e| e.to_string())? {
                 break end;
             }
-            if s.read_buf(&mut buf)
+            if s.r
+                .read_buf(&mut buf)
                 .await
                 .map_err(|e| format!("handshake read: {e}"))?
                 == 0
@@ -258,8 +268,8 @@ pub fn spawn_conn(stream: UpStream, timeout: Option<Duration>, metrics: Arc<Metr
 /// turn into a tunnel on the very connection that holds its state.
 pub struct Detach {
     stop: CancellationToken,
-    writer: tokio::task::JoinHandle<Option<tokio::io::WriteHalf<UpStream>>>,
-    reader: tokio::task::JoinHandle<Option<tokio::io::ReadHalf<UpStream>>>,
+    writer: tokio::task::JoinHandle<Option<UpWrite>>,
+    reader: tokio::task::JoinHandle<Option<UpRead>>,
 }
 
 impl Detach {
@@ -269,7 +279,7 @@ impl Detach {
         self.stop.cancel();
         let w = self.writer.await.ok().flatten().ok_or(UpError::Lost)?;
         let r = self.reader.await.ok().flatten().ok_or(UpError::Lost)?;
-        Ok(r.unsplit(w))
+        Ok(UpStream { r, w })
     }
 }
 
@@ -282,7 +292,7 @@ fn spawn_detachable(
     let dead = CancellationToken::new();
     let stop = CancellationToken::new();
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::default();
-    let (r, w) = tokio::io::split(stream);
+    let UpStream { r, w } = stream;
     let writer = tokio::spawn(writer(w, rx, inflight.clone(), dead.clone(), stop.clone()));
     let reader = tokio::spawn(reader(
         r,
@@ -309,12 +319,12 @@ fn spawn_detachable(
 const COPY_LIMIT: usize = 64 * 1024;
 
 async fn writer(
-    mut w: tokio::io::WriteHalf<UpStream>,
+    mut w: UpWrite,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     inflight: Arc<Mutex<VecDeque<Inflight>>>,
     dead: CancellationToken,
     stop: CancellationToken,
-) -> Option<tokio::io::WriteHalf<UpStream>> {
+) -> Option<UpWrite> {
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut big: Vec<Bytes> = Vec::new();
     loop {
@@ -380,6 +390,9 @@ struct Cut {
     /// Where the next frame of the head batch starts.
     frame_start: usize,
     errors: u64,
+    /// Frame count of the head batch, cached so the queue lock is taken once
+    /// per batch rather than once per frame.
+    head: Option<u32>,
 }
 
 impl Cut {
@@ -391,7 +404,10 @@ impl Cut {
         metrics: &Metrics,
     ) -> Result<(), UpError> {
         loop {
-            let head = inflight.lock().unwrap().front().map(|f| f.count);
+            if self.head.is_none() {
+                self.head = inflight.lock().unwrap().front().map(|f| f.count);
+            }
+            let head = self.head;
             let end = match self.scanner.next_frame(&buf[self.frame_start..]) {
                 Ok(Some(end)) => end,
                 Ok(None) => return Ok(()),
@@ -432,18 +448,19 @@ impl Cut {
                 self.done = 0;
                 self.frame_start = 0;
                 self.errors = 0;
+                self.head = None;
             }
         }
     }
 }
 
 async fn reader(
-    mut r: tokio::io::ReadHalf<UpStream>,
+    mut r: UpRead,
     inflight: Arc<Mutex<VecDeque<Inflight>>>,
     dead: CancellationToken,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
-) -> Option<tokio::io::ReadHalf<UpStream>> {
+) -> Option<UpRead> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut cut = Cut::default();
     let reason = loop {

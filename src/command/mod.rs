@@ -111,13 +111,53 @@ fn upper<'b>(name: &[u8], buf: &'b mut [u8; 48]) -> Option<&'b [u8]> {
     Some(&buf[..name.len()])
 }
 
+/// Read access to a request's arguments, so classification works on the
+/// parser's byte ranges without building a `Vec<Bytes>` per command.
+pub trait Args {
+    fn count(&self) -> usize;
+    fn arg(&self, i: usize) -> Option<&[u8]>;
+}
+
+impl Args for [Bytes] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|b| &b[..])
+    }
+}
+
+impl Args for Vec<Bytes> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|b| &b[..])
+    }
+}
+
+/// Arguments as ranges into the bytes of one request.
+pub struct RawArgs<'a> {
+    pub buf: &'a [u8],
+    pub ranges: &'a [std::ops::Range<usize>],
+}
+
+impl Args for RawArgs<'_> {
+    fn count(&self) -> usize {
+        self.ranges.len()
+    }
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        self.ranges.get(i).map(|r| &self.buf[r.clone()])
+    }
+}
+
 /// Finds the table row of a command (and of its subcommand where the table
 /// has one, e.g. `CLIENT|SETNAME`).
-pub fn lookup(args: &[Bytes]) -> Option<usize> {
+pub fn lookup<A: Args + ?Sized>(args: &A) -> Option<usize> {
     let mut buf = [0u8; 48];
-    let name = upper(args.first()?, &mut buf)?;
+    let name = upper(args.arg(0)?, &mut buf)?;
     let id = *INDEX.get(name)?;
-    if let Some(sub) = args.get(1) {
+    if let Some(sub) = args.arg(1) {
         let n = name.len();
         if n + 1 + sub.len() <= 48 {
             let mut full = [0u8; 48];
@@ -142,8 +182,8 @@ fn eq_upper(a: &[u8], upper: &[u8]) -> bool {
 }
 
 /// Classifies a request. `id` is the result of [`lookup`].
-pub fn classify(args: &[Bytes], id: Option<usize>) -> Class {
-    let Some(first) = args.first() else {
+pub fn classify<A: Args + ?Sized>(args: &A, id: Option<usize>) -> Class {
+    let Some(first) = args.arg(0) else {
         return Class::Pass;
     };
     if first.len() > 3 && eq_upper(&first[..3], b"AI.") {
@@ -170,7 +210,7 @@ pub fn classify(args: &[Bytes], id: Option<usize>) -> Class {
         "CLIENT|SETNAME" | "CLIENT|NO-EVICT" | "CLIENT|NO-TOUCH" | "CLIENT|CACHING"
         | "READONLY" | "READWRITE" | "ASKING" => Class::Pin,
         "XREAD" | "XREADGROUP" => {
-            if args.iter().skip(1).any(|a| eq_upper(a, b"BLOCK")) {
+            if (1..args.count()).any(|i| args.arg(i).is_some_and(|a| eq_upper(a, b"BLOCK"))) {
                 Class::Pin
             } else {
                 Class::Pass
