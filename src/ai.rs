@@ -531,8 +531,8 @@ pub fn tier(chars: usize, bounds: &TierBounds) -> Tier {
 /// The `[ai]` config section. Keys: `text_hash_threshold`, `default_ttl`,
 /// `tier_small`, `tier_medium`, `tier_large` and an `[ai.operation_ttls]`
 /// table, whose entries are merged over the built-in per-operation TTLs.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "AiConfigToml")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(try_from = "AiConfigToml", into = "AiConfigToml")]
 pub struct AiConfig {
     pub text_hash_threshold: usize,
     pub default_ttl: u64,
@@ -572,7 +572,7 @@ impl AiConfig {
 }
 
 /// The flat on-disk shape; `AiConfig` groups the tier bounds and validates.
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct AiConfigToml {
     text_hash_threshold: usize,
@@ -594,6 +594,19 @@ impl Default for AiConfigToml {
             tier_small: d.tiers.small,
             tier_medium: d.tiers.medium,
             tier_large: d.tiers.large,
+        }
+    }
+}
+
+impl From<AiConfig> for AiConfigToml {
+    fn from(c: AiConfig) -> Self {
+        AiConfigToml {
+            text_hash_threshold: c.text_hash_threshold,
+            default_ttl: c.default_ttl,
+            operation_ttls: c.operation_ttls,
+            tier_small: c.tiers.small,
+            tier_medium: c.tiers.medium,
+            tier_large: c.tiers.large,
         }
     }
 }

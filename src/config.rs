@@ -19,6 +19,7 @@ pub struct Config {
     pub compression: CompressionConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub ai: crate::ai::AiConfig,
     #[serde(skip)]
     pub meta: Meta,
 }
@@ -218,6 +219,7 @@ const ENV_SECTIONS: &[&str] = &[
     "server",
     "log",
     "l1",
+    "ai",
 ];
 
 /// Parsed upstream address.

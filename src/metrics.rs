@@ -44,6 +44,8 @@ fn bucket_bounds_ns() -> &'static [u64; LATENCY_BUCKETS.len()] {
 
 pub struct Metrics {
     cmds: Vec<CmdStats>,
+    /// AI.* hit/miss/set/invalidation statistics (AI.STATS and /metrics).
+    pub ai: crate::ai::AiStats,
     pub clients: AtomicI64,
     pub clients_total: AtomicU64,
     pub rejected: AtomicU64,
@@ -69,6 +71,7 @@ impl Metrics {
         let n = command::count() + 1;
         Metrics {
             cmds: (0..n).map(|_| CmdStats::new()).collect(),
+            ai: crate::ai::AiStats::new(),
             clients: AtomicI64::new(0),
             clients_total: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -101,10 +104,27 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text for the per-command families.
+    /// Prometheus text for the per-command families and AI statistics.
     pub fn render_commands(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
+        // AI response cache statistics (see AI.STATS); untyped samples.
+        for (k, v) in self.ai.render() {
+            if let Ok(v) = v.parse::<f64>() {
+                // Operation names may contain ':' themselves: split at the ends.
+                let (name, labels) = match k.split_once(':').zip(k.rsplit_once(':')) {
+                    Some(((kind, _), (head, what))) if kind == "op" || kind == "tier" => {
+                        let val = &head[kind.len() + 1..];
+                        (
+                            what.to_string(),
+                            format!("{{{kind}=\"{}\"}}", label_escape(val)),
+                        )
+                    }
+                    _ => (k.clone(), String::new()),
+                };
+                let _ = writeln!(s, "respite_ai_{name}{labels} {v}");
+            }
+        }
         s.push_str("# HELP respite_commands_total Commands by name and result.\n");
         s.push_str("# TYPE respite_commands_total counter\n");
         for (i, c) in self.cmds.iter().enumerate() {
@@ -227,6 +247,13 @@ impl Metrics {
             .map(|c| c.ok.load(Ordering::Relaxed) + c.err.load(Ordering::Relaxed))
             .sum()
     }
+}
+
+/// Escapes a Prometheus label value (operation names come from clients).
+fn label_escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Installs the Prometheus recorder and returns the handle that renders the

@@ -14,6 +14,7 @@
 //! session waits until every earlier reply has arrived, so commands still
 //! execute in the order the client sent them.
 
+use crate::ai::{self, AiCommand};
 use crate::command::{self, Class, Local};
 use crate::resp::{self, Parse};
 use crate::server::{Backend, ClientEntry, Shared};
@@ -26,11 +27,46 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 /// How the writer post-processes an upstream reply before the client sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Post {
     None,
     /// Append the `# Proxy` section to an INFO reply.
     Info,
+    /// Count an AI.* outcome from the reply (hit/miss, set, deleted keys).
+    Ai(AiPost),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AiPost {
+    Get { op: String, tier: ai::Tier },
+    Set { op: String },
+    Del,
+}
+
+impl AiPost {
+    fn record(&self, reply: &[u8], stats: &ai::AiStats) {
+        let nil = reply.starts_with(b"$-1") || reply.starts_with(b"_");
+        match self {
+            AiPost::Get { op, tier } if reply.first() == Some(&b'$') || nil => {
+                if nil {
+                    stats.record_miss(op, *tier);
+                } else {
+                    stats.record_hit(op, *tier);
+                }
+            }
+            AiPost::Set { op } if reply.starts_with(b"+OK") => stats.record_set(op),
+            AiPost::Del => {
+                if let Some(n) = reply
+                    .strip_prefix(b":")
+                    .and_then(|r| r.split(|&b| b == b'\r').next())
+                    .and_then(resp::parse_int)
+                {
+                    stats.record_delete(n.max(0) as u64);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 enum Out<W> {
@@ -570,8 +606,8 @@ where
                 crate::admin::proxy_command(&self.shared, args, self.resp3, &mut out);
             }
             Local::Ai => {
-                // Not built yet: Redis itself answers "unknown command".
-                self.forward(raw, vec![idx as u16], Post::None).await;
+                let _ = raw;
+                self.ai(idx, args).await;
                 return Flow::Continue;
             }
         }
@@ -580,6 +616,167 @@ where
             .command(idx, out.first() == Some(&b'-'), None);
         self.reply(out.freeze()).await;
         Flow::Continue
+    }
+
+    /// Runs a command the proxy built itself, through the same path as a
+    /// client's command (so it sees the same connection, db and limits).
+    async fn internal(&mut self, idx: usize, args: &[&[u8]], post: Post) {
+        if let Backend::Local(store) = &self.shared.backend {
+            let owned: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+            let mut out = BytesMut::new();
+            store.execute(self.db as usize, &owned, self.resp3, &mut out);
+            if let Post::Ai(p) = &post {
+                p.record(&out, &self.shared.metrics.ai);
+            }
+            self.shared
+                .metrics
+                .command(idx, out.first() == Some(&b'-'), None);
+            self.reply(out.freeze()).await;
+            return;
+        }
+        let mut b = BytesMut::new();
+        resp::encode_command(args, &mut b);
+        self.forward(b.freeze(), vec![idx as u16], post).await;
+    }
+
+    /// One command and its reply, awaited here (for multi-step operations).
+    async fn roundtrip(&mut self, args: &[&[u8]]) -> Result<Bytes, String> {
+        if let Backend::Local(store) = &self.shared.backend {
+            let owned: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+            let mut out = BytesMut::new();
+            store.execute(self.db as usize, &owned, self.resp3, &mut out);
+            return Ok(out.freeze());
+        }
+        let mut b = BytesMut::new();
+        resp::encode_command(args, &mut b);
+        let conn = self.target().await.map_err(|e| e.to_string())?;
+        let rx = conn.send(b.freeze(), 1, None).map_err(|e| e.to_string())?;
+        match rx.await {
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(UpError::Lost.to_string()),
+        }
+    }
+
+    /// `AI.*`: keys in the AI response cache format, TTLs per operation.
+    async fn ai(&mut self, idx: usize, args: &[Bytes]) {
+        let cfg = self.shared.config();
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+        let metrics = self.shared.metrics.clone();
+        let stats = &metrics.ai;
+        let cmd = match ai::parse(&name, &args[1..], cfg.ai.text_hash_threshold) {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.command(idx, true, None);
+                self.reply(resp::error_bytes(&format!("ERR {e}"))).await;
+                return;
+            }
+        };
+        let mut out = BytesMut::new();
+        match cmd {
+            AiCommand::Key(req) => {
+                stats.record_keygen(req.keygen);
+                resp::bulk(&mut out, req.key.as_bytes());
+            }
+            AiCommand::Get(req) => {
+                stats.record_keygen(req.keygen);
+                let tier = ai::tier(req.text_chars, &cfg.ai.tiers);
+                let post = Post::Ai(AiPost::Get {
+                    op: req.operation.clone(),
+                    tier,
+                });
+                self.internal(idx, &[b"GET", req.key.as_bytes()], post)
+                    .await;
+                return;
+            }
+            AiCommand::Set { req, value, ex } => {
+                stats.record_keygen(req.keygen);
+                let ttl = ex
+                    .unwrap_or_else(|| cfg.ai.ttl_for(&req.operation))
+                    .to_string();
+                let post = Post::Ai(AiPost::Set {
+                    op: req.operation.clone(),
+                });
+                self.internal(
+                    idx,
+                    &[b"SET", req.key.as_bytes(), &value, b"EX", ttl.as_bytes()],
+                    post,
+                )
+                .await;
+                return;
+            }
+            AiCommand::Del(req) => {
+                stats.record_keygen(req.keygen);
+                self.internal(idx, &[b"UNLINK", req.key.as_bytes()], Post::Ai(AiPost::Del))
+                    .await;
+                return;
+            }
+            AiCommand::Invalidate(op) => match self.ai_invalidate(op.as_deref()).await {
+                Ok(n) => {
+                    stats.record_invalidation(n);
+                    resp::int(&mut out, n as i64);
+                }
+                Err(e) => resp::error(&mut out, &e),
+            },
+            AiCommand::Stats => {
+                let pairs = stats.render();
+                resp::map_header(&mut out, pairs.len(), self.resp3);
+                for (k, v) in pairs {
+                    resp::bulk(&mut out, k.as_bytes());
+                    resp::bulk(&mut out, v.as_bytes());
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .command(idx, out.first() == Some(&b'-'), None);
+        self.reply(out.freeze()).await;
+    }
+
+    /// Removes every key of one operation (or all AI keys) with SCAN and
+    /// UNLINK in batches: never KEYS, so Redis is not blocked on a large db.
+    async fn ai_invalidate(&mut self, op: Option<&str>) -> Result<u64, String> {
+        // Earlier commands of this client must have run first.
+        self.link.wait_drained().await;
+        let pattern = ai::invalidate_pattern(op);
+        let mut cursor = b"0".to_vec();
+        let mut removed = 0u64;
+        loop {
+            let reply = self
+                .roundtrip(&[
+                    b"SCAN",
+                    &cursor,
+                    b"MATCH",
+                    pattern.as_bytes(),
+                    b"COUNT",
+                    b"1000",
+                ])
+                .await?;
+            let v =
+                redis::parse_redis_value(&reply).map_err(|e| format!("ERR bad SCAN reply: {e}"))?;
+            let (next, keys): (Vec<u8>, Vec<Vec<u8>>) = match redis::from_redis_value(v) {
+                Ok(x) => x,
+                Err(e) => return Err(format!("ERR SCAN failed: {e}")),
+            };
+            if !keys.is_empty() {
+                let mut args: Vec<&[u8]> = vec![b"UNLINK"];
+                args.extend(keys.iter().map(|k| k.as_slice()));
+                let r = self.roundtrip(&args).await?;
+                match redis::parse_redis_value(&r) {
+                    Ok(redis::Value::Int(n)) => removed += n.max(0) as u64,
+                    _ => {
+                        return Err(format!(
+                            "ERR UNLINK failed: {}",
+                            String::from_utf8_lossy(&r).trim_end()
+                        ));
+                    }
+                }
+            }
+            if next == b"0" {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]` on a shared session.
@@ -780,6 +977,10 @@ where
                         let data = match post {
                             Post::None => reply.data,
                             Post::Info => crate::admin::append_proxy_info(&reply.data, &shared),
+                            Post::Ai(p) => {
+                                p.record(&reply.data, &metrics.ai);
+                                reply.data
+                            }
                         };
                         if data.len() >= DIRECT {
                             flush!();
