@@ -17,6 +17,10 @@ const HELP: &[&str] = &[
     "    Upstream address, health, connections, reconnects, last error.",
     "CLIENTS",
     "    Connected clients: id, address, age, commands, pinned.",
+    "L1 STATS",
+    "    Near cache: hits, misses, fills, discarded fills, invalidations, evictions, bytes, entries.",
+    "L1 FLUSH",
+    "    Drop every near-cache entry.",
     "CONFIG GET <pattern>",
     "    Configuration values (glob pattern on dotted names; secrets masked).",
     "CONFIG SET <key> <value>",
@@ -94,7 +98,16 @@ pub fn proxy_info(sh: &Shared) -> String {
             let _ = write!(s, "proxy_backend:local\r\n");
         }
     }
-    let _ = write!(s, "l1_mode:{:?}\r\n", cfg.l1.mode);
+    match &sh.l1 {
+        Some(l1) => {
+            for (k, v) in l1.render() {
+                let _ = write!(s, "l1_{k}:{v}\r\n");
+            }
+        }
+        None => {
+            let _ = write!(s, "l1_mode:off\r\n");
+        }
+    }
     let _ = write!(
         s,
         "compression_enabled:{}\r\n",
@@ -275,6 +288,19 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
             lines_reply(out, &text, resp3);
         }
         (b"CONFIG", _) => config_command(sh, args, resp3, out),
+        (b"L1", 3) => {
+            let sub = args[2].to_ascii_uppercase();
+            match (&sub[..], &sh.l1) {
+                (b"STATS", Some(l1)) => kv_reply(out, &l1.render(), resp3),
+                (b"STATS", None) => kv_reply(out, &[("mode".into(), "off".into())], resp3),
+                (b"FLUSH", Some(l1)) => {
+                    l1.flush();
+                    resp::simple(out, "OK");
+                }
+                (b"FLUSH", None) => resp::simple(out, "OK"),
+                _ => resp::error(out, "ERR syntax: PROXY L1 STATS | FLUSH"),
+            }
+        }
         (b"", _) => resp::error(out, "ERR wrong number of arguments for 'proxy' command"),
         _ => resp::error(
             out,

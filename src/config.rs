@@ -386,8 +386,8 @@ impl Config {
         if self.limits.max_pipeline == 0 {
             return Err("limits.max_pipeline must be > 0".into());
         }
-        if self.l1.mode != L1Mode::Off {
-            return Err("l1.mode: only \"off\" is available in this build (the near cache is not implemented yet)".into());
+        if self.l1.mode != L1Mode::Off && self.l1.max_bytes < 1024 {
+            return Err("l1.max_bytes must be at least 1024".into());
         }
         if self.compression.enabled {
             return Err("compression.enabled: not available in this build yet".into());

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod ai;
+pub mod cache;
 pub mod check;
 pub mod command;
 pub mod compress;

@@ -104,10 +104,17 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text for the per-command families and AI statistics.
-    pub fn render_commands(&self) -> String {
+    /// Prometheus text for the per-command families, L1 and AI statistics.
+    pub fn render_commands(&self, l1: Option<&crate::cache::L1>) -> String {
         use std::fmt::Write;
         let mut s = String::new();
+        if let Some(l1) = l1 {
+            for (k, v) in l1.render() {
+                if let Ok(v) = v.parse::<f64>() {
+                    let _ = writeln!(s, "respite_l1_{k} {v}");
+                }
+            }
+        }
         // AI response cache statistics (see AI.STATS); untyped samples.
         for (k, v) in self.ai.render() {
             if let Ok(v) = v.parse::<f64>() {
@@ -280,6 +287,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: metrics_exporter_prometheus::PrometheusHandle,
     ours: Arc<Metrics>,
+    l1: Option<Arc<crate::cache::L1>>,
     up: Option<Arc<crate::upstream::Upstream>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -299,6 +307,7 @@ pub async fn serve(
         };
         let handle = handle.clone();
         let ours = ours.clone();
+        let l1 = l1.clone();
         let up = up.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -327,7 +336,10 @@ pub async fn serve(
                 .to_string();
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", handle.render() + &ours.render_commands()),
+                "/metrics" => (
+                    "200 OK",
+                    handle.render() + &ours.render_commands(l1.as_deref()),
+                ),
                 "/health" => {
                     if up
                         .as_ref()

@@ -1,5 +1,6 @@
 //! The listener, shared state, start-up, reload and graceful shutdown.
 
+use crate::cache::L1;
 use crate::config::{Config, Fallback};
 use crate::local::LocalStore;
 use crate::metrics::Metrics;
@@ -79,6 +80,7 @@ pub struct Shared {
     pub rt: Runtime,
     pub metrics: Arc<Metrics>,
     pub backend: Backend,
+    pub l1: Option<Arc<L1>>,
     pub clients: DashMap<u64, Arc<ClientEntry>>,
     pub next_id: AtomicU64,
     pub started: Instant,
@@ -152,6 +154,7 @@ async fn choose_backend(
     cfg: &Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    l1: Option<Arc<L1>>,
 ) -> Result<Backend, String> {
     if cfg.upstream.fallback == Fallback::Local {
         tracing::warn!(
@@ -176,7 +179,9 @@ async fn choose_backend(
             return Ok(Backend::Local(Arc::new(LocalStore::new(16))));
         }
     }
-    Ok(Backend::Upstream(Upstream::new(cfg, metrics, shutdown)?))
+    Ok(Backend::Upstream(Upstream::new(
+        cfg, metrics, shutdown, l1,
+    )?))
 }
 
 /// A running proxy (also used by tests that embed it).
@@ -202,7 +207,14 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let backend = choose_backend(&cfg, metrics.clone(), shutdown.clone()).await?;
+    let l1 = L1::new(&cfg.l1);
+    let backend = choose_backend(&cfg, metrics.clone(), shutdown.clone(), l1.clone()).await?;
+    // The in-process store needs no near cache in front of it.
+    let l1 = if matches!(backend, Backend::Upstream(_)) {
+        l1
+    } else {
+        None
+    };
     if let Backend::Upstream(u) = &backend {
         // Give the pool a moment so the first clients do not see "connecting";
         // serving starts regardless (Redis may be down: that is reported).
@@ -223,6 +235,7 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
                 ml,
                 handle,
                 metrics.clone(),
+                l1.clone(),
                 up,
                 shutdown.clone(),
             ));
@@ -235,6 +248,7 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         rt,
         metrics,
         backend,
+        l1,
         clients: DashMap::new(),
         next_id: AtomicU64::new(1),
         started: Instant::now(),

@@ -15,7 +15,8 @@
 //! execute in the order the client sent them.
 
 use crate::ai::{self, AiCommand};
-use crate::command::{self, Class, Local};
+use crate::cache::{L1, Lookup};
+use crate::command::{self, Args, Class, Local};
 use crate::resp::{self, Parse};
 use crate::server::{Backend, ClientEntry, Shared};
 use crate::upstream::{Conn, OutBytes, ReplyRx, UpError};
@@ -34,6 +35,13 @@ enum Post {
     Info,
     /// Count an AI.* outcome from the reply (hit/miss, set, deleted keys).
     Ai(AiPost),
+    /// The reply to `MULTI; PTTL k; GET k; EXEC` on a tracking connection:
+    /// install the value in L1 and hand the client only the GET reply.
+    Fill {
+        key: Bytes,
+        token: u64,
+        resp3: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +286,7 @@ where
             *need = need.saturating_sub(off);
         }
         let mut run: Run = None;
+        let l1 = self.shared.l1.clone().filter(|l| l.is_valid());
         for (i, (start, p)) in parsed.iter().enumerate() {
             if p.args.is_empty() {
                 continue;
@@ -293,6 +302,38 @@ where
                 (id, Some(command::classify(&view, id)))
             };
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
+            if let (Some(l1), false) = (&l1, p.inline) {
+                let view = command::RawArgs {
+                    buf: &chunk[*start..*start + p.len],
+                    ranges: &p.args,
+                };
+                if id == *GET_ID && p.args.len() == 2 && self.pinned.is_none() {
+                    // Only a session with nothing in flight may fill: a fill
+                    // travels on a tracking connection, not the session's own.
+                    let idle = run.is_none() && self.link.outstanding.load(Ordering::Acquire) == 0;
+                    match l1.lookup(view.arg(1).unwrap_or_default(), idle) {
+                        Lookup::Hit(frame) => {
+                            self.flush_run(&chunk, &mut run).await;
+                            self.shared.metrics.command(
+                                GET_ID.unwrap_or(0),
+                                false,
+                                Some(Duration::ZERO),
+                            );
+                            self.reply(frame).await;
+                            continue;
+                        }
+                        Lookup::Fill(token) => {
+                            let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
+                            let raw = chunk.slice(*start..*start + p.len);
+                            self.fill(key, token, raw).await;
+                            continue;
+                        }
+                        Lookup::Bypass => {}
+                    }
+                } else if id.is_some_and(command::may_write) {
+                    invalidate_writes(l1, &view, id);
+                }
+            }
             if class == Some(Class::Pass) && self.pinned.is_none() && !self.is_local() {
                 let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
                 r.2.push(id.unwrap_or(command::count()) as u16);
@@ -397,6 +438,47 @@ where
         let c = up.shared(self.resp3, self.id as usize).await?;
         self.conn = Some(c.clone());
         Ok(c)
+    }
+
+    /// A GET miss that fills L1: the value and its PTTL are read atomically
+    /// on the tracking connection that owns this key.
+    async fn fill(&mut self, key: Bytes, token: u64, raw: Bytes) {
+        let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
+            return;
+        };
+        let Some(conn) = up.tracking(&key) else {
+            l1.complete(&key, token, None, -2);
+            self.forward(raw, vec![GET_ID.unwrap_or(0) as u16], Post::None)
+                .await;
+            return;
+        };
+        let mut b = BytesMut::with_capacity(64 + 2 * key.len());
+        resp::encode_command(&[b"MULTI".as_slice()], &mut b);
+        resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
+        resp::encode_command(&[b"GET".as_slice(), &key], &mut b);
+        resp::encode_command(&[b"EXEC".as_slice()], &mut b);
+        let post = Post::Fill {
+            key: key.clone(),
+            token,
+            resp3: self.resp3,
+        };
+        match conn.send(b.freeze(), 4, Some(self.link.out.clone())) {
+            Ok(rx) => {
+                let ids = vec![GET_ID.unwrap_or(0) as u16];
+                self.push(Out::Up {
+                    rx,
+                    count: 1,
+                    ids,
+                    start: Instant::now(),
+                    post,
+                })
+                .await
+            }
+            Err(err) => {
+                l1.complete(&key, token, None, -2);
+                self.push(Out::Failed { err, count: 1 }).await
+            }
+        }
     }
 
     /// Sends raw commands upstream and queues their reply slot.
@@ -893,6 +975,48 @@ where
     }
 }
 
+/// Installs a fill and returns the GET reply as this client must see it.
+fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]) -> Bytes {
+    let l1 = shared.l1.as_ref();
+    match crate::cache::split_fill_reply(data) {
+        Ok((pttl, frame)) => {
+            let value = frame.first() == Some(&b'$') && !frame.starts_with(b"$-1");
+            if let Some(l1) = l1 {
+                l1.complete(key, token, value.then_some(&frame), pttl);
+            }
+            if !resp3 && frame.starts_with(b"_") {
+                Bytes::from_static(b"$-1\r\n")
+            } else {
+                frame
+            }
+        }
+        Err(frame) => {
+            if let Some(l1) = l1 {
+                l1.complete(key, token, None, -2);
+            }
+            frame
+        }
+    }
+}
+
+/// Local writes invalidate at once, before they are forwarded, so the
+/// writer reads its own write and a fill already in flight is discarded.
+fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
+    match id.map(command::name) {
+        Some("FLUSHALL") | Some("FLUSHDB") => l1.flush(),
+        _ => {
+            for i in command::key_positions(args, id) {
+                if let Some(k) = args.arg(i) {
+                    l1.invalidate(k);
+                }
+            }
+        }
+    }
+}
+
+static GET_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("GET"));
+
 enum HelloOutcome {
     Done,
     NeedsUpstream,
@@ -981,6 +1105,9 @@ where
                                 p.record(&reply.data, &metrics.ai);
                                 reply.data
                             }
+                            Post::Fill { key, token, resp3 } => {
+                                fill_reply(&shared, &key, token, resp3, &reply.data)
+                            }
                         };
                         if data.len() >= DIRECT {
                             flush!();
@@ -995,6 +1122,9 @@ where
                         link.out.sub(n);
                     }
                     Err(err) => {
+                        if let (Post::Fill { key, token, .. }, Some(l1)) = (&post, &shared.l1) {
+                            l1.complete(key, *token, None, -2);
+                        }
                         for id in &ids {
                             metrics.command(*id as usize, true, Some(elapsed));
                         }

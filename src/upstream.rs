@@ -160,7 +160,15 @@ pub struct Handshake {
     pub user: Option<String>,
     pub password: Option<String>,
     pub name: &'static str,
+    /// Turn on client-side-caching invalidations (`CLIENT TRACKING ON`).
+    pub tracking: bool,
 }
+
+/// A handler for RESP3 push frames (tracking invalidations).
+pub type PushFn = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Marks a handshake error caused by the server refusing tracking.
+pub const TRACKING_REFUSED: &str = "tracking refused";
 
 /// Opens a stream and runs the handshake. Returns the stream ready for use
 /// and the server's version.
@@ -211,6 +219,11 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
         );
         n += 1;
     }
+    let tracking_at = hs.tracking.then(|| {
+        resp::encode_command(&[&b"CLIENT"[..], b"TRACKING", b"ON"], &mut out);
+        n += 1;
+        n - 1
+    });
     resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", hs.name.as_bytes()], &mut out);
     n += 1;
     s.w.write_all(&out)
@@ -242,6 +255,9 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
             if i + 1 == n {
                 continue;
             }
+            if tracking_at == Some(i) {
+                return Err(format!("{TRACKING_REFUSED}: {msg}"));
+            }
             return Err(format!("handshake refused: {msg}"));
         }
         if i == 0 {
@@ -260,8 +276,13 @@ fn hello_version(frame: &[u8]) -> Option<String> {
 }
 
 /// Starts the writer, reader and watchdog tasks of a connection.
-pub fn spawn_conn(stream: UpStream, timeout: Option<Duration>, metrics: Arc<Metrics>) -> Conn {
-    spawn_detachable(stream, timeout, metrics).0
+pub fn spawn_conn(
+    stream: UpStream,
+    timeout: Option<Duration>,
+    metrics: Arc<Metrics>,
+    on_push: Option<PushFn>,
+) -> Conn {
+    spawn_detachable(stream, timeout, metrics, on_push).0
 }
 
 /// Takes a dedicated connection back from its tasks, so a pinned session can
@@ -287,6 +308,7 @@ fn spawn_detachable(
     stream: UpStream,
     timeout: Option<Duration>,
     metrics: Arc<Metrics>,
+    on_push: Option<PushFn>,
 ) -> (Conn, Detach) {
     let (tx, rx) = mpsc::unbounded_channel();
     let dead = CancellationToken::new();
@@ -300,6 +322,7 @@ fn spawn_detachable(
         dead.clone(),
         stop.clone(),
         metrics,
+        on_push,
     ));
     if let Some(t) = timeout {
         tokio::spawn(watchdog(inflight, dead.clone(), t));
@@ -402,6 +425,7 @@ impl Cut {
         buf: &mut BytesMut,
         inflight: &Mutex<VecDeque<Inflight>>,
         metrics: &Metrics,
+        on_push: Option<&PushFn>,
     ) -> Result<(), UpError> {
         loop {
             if self.head.is_none() {
@@ -416,8 +440,12 @@ impl Cut {
             let kind = self.scanner.frame_type();
             self.scanner.reset();
             if kind == b'>' {
-                // Pushes belong to no request (shared connections never
-                // subscribe or track, so these are stray): drop them.
+                // Pushes belong to no request. On tracking connections they
+                // are invalidations, handled here, before any later reply on
+                // this socket is handed out; elsewhere they are stray.
+                if let Some(f) = on_push {
+                    f(&buf[self.frame_start..self.frame_start + end]);
+                }
                 let tail = buf.split_off(self.frame_start + end);
                 buf.truncate(self.frame_start);
                 buf.unsplit(tail);
@@ -460,11 +488,12 @@ async fn reader(
     dead: CancellationToken,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
+    on_push: Option<PushFn>,
 ) -> Option<UpRead> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut cut = Cut::default();
     let reason = loop {
-        if let Err(e) = cut.drain(&mut buf, &inflight, &metrics) {
+        if let Err(e) = cut.drain(&mut buf, &inflight, &metrics, on_push.as_ref()) {
             break e;
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
@@ -543,7 +572,10 @@ struct Slot {
     conn: Mutex<Option<Conn>>,
 }
 
-/// Shared connections for one protocol version.
+const POOL_RESP2: usize = 0;
+const POOL_TRACKING: usize = 2;
+
+/// Shared connections of one kind.
 struct Pool {
     slots: Vec<Slot>,
     started: AtomicBool,
@@ -553,7 +585,11 @@ struct Pool {
 /// started on first use) and dedicated connections for pinned sessions.
 pub struct Upstream {
     pub url: UpstreamUrl,
-    pools: [Pool; 2],
+    /// RESP2, RESP3, and the tracking connections that carry L1 fills.
+    pools: [Pool; 3],
+    l1: Option<Arc<crate::cache::L1>>,
+    /// Tracking connections currently up.
+    tracking_up: AtomicUsize,
     pub health: Health,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
@@ -567,6 +603,7 @@ impl Upstream {
         cfg: &Config,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
+        l1: Option<Arc<crate::cache::L1>>,
     ) -> Result<Arc<Self>, String> {
         let url = cfg.upstream_url()?;
         let mk = || Pool {
@@ -579,7 +616,9 @@ impl Upstream {
         };
         let up = Arc::new(Upstream {
             url,
-            pools: [mk(), mk()],
+            pools: [mk(), mk(), mk()],
+            l1: l1.clone(),
+            tracking_up: AtomicUsize::new(0),
             health: Health::default(),
             metrics,
             connect_timeout: Duration::from_millis(cfg.upstream.connect_timeout_ms),
@@ -590,7 +629,10 @@ impl Upstream {
             ),
             shutdown,
         });
-        up.ensure_pool(false);
+        up.ensure_pool(POOL_RESP2);
+        if l1.is_some() {
+            up.ensure_pool(POOL_TRACKING);
+        }
         Ok(up)
     }
 
@@ -610,42 +652,67 @@ impl Upstream {
             user: self.url.user.clone(),
             password: self.url.password.clone(),
             name: "respite",
+            tracking: false,
         }
     }
 
-    fn ensure_pool(self: &Arc<Self>, resp3: bool) {
-        let pool = &self.pools[resp3 as usize];
+    fn ensure_pool(self: &Arc<Self>, kind: usize) {
+        let pool = &self.pools[kind];
         if pool.started.swap(true, Ordering::AcqRel) {
             return;
         }
         for i in 0..pool.slots.len() {
             let me = self.clone();
-            tokio::spawn(async move { me.supervise(resp3, i).await });
+            tokio::spawn(async move { me.supervise(kind, i).await });
         }
     }
 
     /// Keeps one pool slot connected for the life of the process.
-    async fn supervise(self: Arc<Self>, resp3: bool, slot: usize) {
+    async fn supervise(self: Arc<Self>, kind: usize, slot: usize) {
         let mut delay = self.backoff.0;
+        let l1 = if kind == POOL_TRACKING {
+            self.l1.clone()
+        } else {
+            None
+        };
+        let on_push: Option<PushFn> = l1
+            .clone()
+            .map(|l| Arc::new(move |f: &[u8]| l.on_push(f)) as PushFn);
         loop {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let hs = self.handshake(resp3);
+            let mut hs = self.handshake(kind != POOL_RESP2);
+            hs.tracking = l1.as_ref().is_some_and(|l| l.tracks());
             match open_stream(&self.url, &hs, self.connect_timeout).await {
                 Ok((stream, version)) => {
                     *self.health.version.lock().unwrap() = version;
                     delay = self.backoff.0;
-                    let conn = spawn_conn(stream, self.timeout(), self.metrics.clone());
-                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() =
-                        Some(conn.clone());
+                    let conn = spawn_conn(
+                        stream,
+                        self.timeout(),
+                        self.metrics.clone(),
+                        on_push.clone(),
+                    );
+                    *self.pools[kind].slots[slot].conn.lock().unwrap() = Some(conn.clone());
                     self.health.connected.fetch_add(1, Ordering::Relaxed);
                     self.set_up(true, None);
+                    if let Some(l) = &l1 {
+                        let up = self.tracking_up.fetch_add(1, Ordering::AcqRel) + 1;
+                        if up == self.pools[kind].slots.len() {
+                            l.set_valid(true);
+                        }
+                    }
                     tokio::select! {
                         _ = conn.closed() => {}
                         _ = self.shutdown.cancelled() => { conn.close(); }
                     }
-                    *self.pools[resp3 as usize].slots[slot].conn.lock().unwrap() = None;
+                    if let Some(l) = &l1 {
+                        // Invalidations may have been lost with the socket.
+                        self.tracking_up.fetch_sub(1, Ordering::AcqRel);
+                        l.set_valid(false);
+                    }
+                    *self.pools[kind].slots[slot].conn.lock().unwrap() = None;
                     let left = self.health.connected.fetch_sub(1, Ordering::Relaxed) - 1;
                     if left == 0 {
                         self.set_up(false, Some("connection lost".into()));
@@ -654,6 +721,13 @@ impl Upstream {
                         return;
                     }
                     tracing::warn!(upstream = %self.url.redacted(), "upstream connection lost; reconnecting");
+                }
+                Err(e) if e.starts_with(TRACKING_REFUSED) => {
+                    if let Some(l) = &l1 {
+                        tracing::warn!(error = %e, "upstream refused CLIENT TRACKING (Redis < 7.0?): L1 falls back to l1.mode = \"ttl\"");
+                        l.degrade_to_ttl();
+                    }
+                    continue;
                 }
                 Err(e) => {
                     if self.health.connected.load(Ordering::Relaxed) == 0 {
@@ -696,7 +770,7 @@ impl Upstream {
     /// but this pool's connections are (re)connecting, it waits for them up
     /// to the connect timeout.
     pub async fn shared(self: &Arc<Self>, resp3: bool, hint: usize) -> Result<Conn, UpError> {
-        self.ensure_pool(resp3);
+        self.ensure_pool(resp3 as usize);
         let deadline = Instant::now() + self.connect_timeout;
         loop {
             if let Some(c) = self.pick(resp3, hint) {
@@ -714,6 +788,23 @@ impl Upstream {
         }
     }
 
+    /// The tracking connection that carries every L1 fill of `key`.
+    pub fn tracking(&self, key: &[u8]) -> Option<Conn> {
+        use std::hash::Hasher;
+        let pool = &self.pools[POOL_TRACKING];
+        // DefaultHasher::new() has fixed keys: a key maps to one slot always.
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(key);
+        let i = (h.finish() % pool.slots.len() as u64) as usize;
+        pool.slots[i]
+            .conn
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|c| !c.is_dead())
+            .cloned()
+    }
+
     fn pick(&self, resp3: bool, hint: usize) -> Option<Conn> {
         let pool = &self.pools[resp3 as usize];
         let n = pool.slots.len();
@@ -727,7 +818,7 @@ impl Upstream {
     /// commands).
     pub async fn dedicated_detachable(&self, resp3: bool) -> Result<(Conn, Detach), UpError> {
         let s = self.dedicated_stream(resp3).await?;
-        Ok(spawn_detachable(s, None, self.metrics.clone()))
+        Ok(spawn_detachable(s, None, self.metrics.clone(), None))
     }
 
     pub async fn dedicated_stream(&self, resp3: bool) -> Result<UpStream, UpError> {

@@ -224,10 +224,18 @@ pub fn classify<A: Args + ?Sized>(args: &A, id: Option<usize>) -> Class {
 /// The keys of a request, using the table's positions and Redis' own rules
 /// for the commands whose keys move with their arguments.
 pub fn keys(args: &[Bytes], id: Option<usize>) -> Vec<&Bytes> {
+    key_positions(args, id)
+        .into_iter()
+        .map(|i| &args[i])
+        .collect()
+}
+
+/// Argument indices of the keys of a request.
+pub fn key_positions<A: Args + ?Sized>(args: &A, id: Option<usize>) -> Vec<usize> {
     let Some(spec) = id.and_then(spec) else {
         return Vec::new();
     };
-    let argc = args.len() as i64;
+    let argc = args.count() as i64;
     if spec.has(flags::MOVABLEKEYS) {
         return movable_keys(spec.name, args);
     }
@@ -243,22 +251,28 @@ pub fn keys(args: &[Bytes], id: Option<usize>) -> Vec<&Bytes> {
     let mut out = Vec::new();
     let mut i = spec.first as i64;
     while i <= last && i < argc {
-        out.push(&args[i as usize]);
+        out.push(i as usize);
         i += step;
     }
     out
 }
 
-fn numkeys_at(args: &[Bytes], at: usize, skip_before: usize) -> Vec<&Bytes> {
-    let mut out: Vec<&Bytes> = args.iter().skip(1).take(skip_before).collect();
-    if let Some(n) = args.get(at).and_then(|a| crate::resp::parse_int(a)) {
+/// `before` fixed keys after the name, then a count at `at` and that many keys.
+fn numkeys_at<A: Args + ?Sized>(args: &A, at: usize, before: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = (1..=before).filter(|&i| i < args.count()).collect();
+    if let Some(n) = args.arg(at).and_then(crate::resp::parse_int) {
         let n = n.max(0) as usize;
-        out.extend(args.iter().skip(at + 1).take(n));
+        out.extend((at + 1..args.count()).take(n));
     }
     out
 }
 
-fn movable_keys<'a>(name: &str, args: &'a [Bytes]) -> Vec<&'a Bytes> {
+fn find<A: Args + ?Sized>(args: &A, word: &[u8]) -> Option<usize> {
+    (1..args.count()).find(|&i| args.arg(i).is_some_and(|a| eq_upper(a, word)))
+}
+
+fn movable_keys<A: Args + ?Sized>(name: &str, args: &A) -> Vec<usize> {
+    let n = args.count();
     match name {
         "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "FCALL" | "FCALL_RO" => {
             numkeys_at(args, 2, 0)
@@ -268,38 +282,48 @@ fn movable_keys<'a>(name: &str, args: &'a [Bytes]) -> Vec<&'a Bytes> {
             numkeys_at(args, 1, 0)
         }
         "BLMPOP" | "BZMPOP" => numkeys_at(args, 2, 0),
-        "XREAD" | "XREADGROUP" => {
-            let Some(p) = args.iter().position(|a| eq_upper(a, b"STREAMS")) else {
-                return Vec::new();
-            };
-            let rest = &args[p + 1..];
-            rest.iter().take(rest.len() / 2).collect()
-        }
+        "XREAD" | "XREADGROUP" => match find(args, b"STREAMS") {
+            Some(p) => (p + 1..p + 1 + (n - p - 1) / 2).collect(),
+            None => Vec::new(),
+        },
         "SORT" | "SORT_RO" => {
-            let mut out: Vec<&Bytes> = args.get(1).into_iter().collect();
-            if let Some(p) = args.iter().position(|a| eq_upper(a, b"STORE")) {
-                out.extend(args.get(p + 1));
-            }
+            let mut out: Vec<usize> = (n > 1).then_some(1).into_iter().collect();
+            out.extend(find(args, b"STORE").map(|p| p + 1).filter(|&i| i < n));
             out
         }
-        "MIGRATE" => {
-            if let Some(p) = args.iter().position(|a| eq_upper(a, b"KEYS")) {
-                args[p + 1..].iter().collect()
-            } else {
-                args.get(3).into_iter().filter(|k| !k.is_empty()).collect()
-            }
-        }
+        "MIGRATE" => match find(args, b"KEYS") {
+            Some(p) => (p + 1..n).collect(),
+            None => (n > 3 && args.arg(3).is_some_and(|k| !k.is_empty()))
+                .then_some(3)
+                .into_iter()
+                .collect(),
+        },
         "GEORADIUS" | "GEORADIUSBYMEMBER" => {
-            let mut out: Vec<&Bytes> = args.get(1).into_iter().collect();
-            for (i, a) in args.iter().enumerate() {
-                if eq_upper(a, b"STORE") || eq_upper(a, b"STOREDIST") {
-                    out.extend(args.get(i + 1));
+            let mut out: Vec<usize> = (n > 1).then_some(1).into_iter().collect();
+            for i in 1..n {
+                if args
+                    .arg(i)
+                    .is_some_and(|a| eq_upper(a, b"STORE") || eq_upper(a, b"STOREDIST"))
+                    && i + 1 < n
+                {
+                    out.push(i + 1);
                 }
             }
             out
         }
         _ => Vec::new(),
     }
+}
+
+/// The id of a command by its upper-case name.
+pub fn id_of(name: &str) -> Option<usize> {
+    INDEX.get(name.as_bytes()).copied()
+}
+
+/// Whether a command may change the keys it names (for L1 invalidation):
+/// writes, and scripts, which Redis does not flag as writes.
+pub fn may_write(id: usize) -> bool {
+    spec(id).is_some_and(|s| s.has(flags::WRITE) || matches!(s.name, "EVAL" | "EVALSHA" | "FCALL"))
 }
 
 #[cfg(test)]

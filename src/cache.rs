@@ -1,0 +1,461 @@
+//! L1: the in-process near cache.
+//!
+//! Entries are the client-ready reply frames of GET, keyed by the key (L1
+//! only serves sessions on the upstream's own db; sessions that SELECT
+//! another db are pinned and never consult it). Coherence rests on three
+//! rules:
+//!
+//! 1. Fills are read over RESP3 connections with `CLIENT TRACKING ON`, routed
+//!    by key hash, so every read of a key and every invalidation Redis sends
+//!    for it travel on one socket, in order.
+//! 2. A fill carries the token of its pending marker; an invalidation (from
+//!    Redis or from a write through this proxy) removes the marker, and a
+//!    fill whose marker is gone is discarded instead of installed. A flush
+//!    bumps the epoch, which voids every marker at once.
+//! 3. Losing a tracking connection flushes L1 and stops hits until tracking
+//!    is back, since invalidations may have been missed.
+
+use crate::config::{L1Config, L1Mode};
+use bytes::Bytes;
+use dashmap::DashMap;
+use moka::notification::RemovalCause;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Per-entry overhead counted by the weigher (moka's node, the key's
+/// `Bytes` header, the entry): an estimate, so `max_bytes` bounds memory
+/// rather than payload only.
+const ENTRY_OVERHEAD: usize = 96;
+
+#[derive(Clone)]
+struct Entry {
+    frame: Bytes,
+    ttl: Duration,
+}
+
+struct EntryExpiry;
+
+impl moka::Expiry<Bytes, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _k: &Bytes, v: &Entry, _at: Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct L1Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fills: AtomicU64,
+    pub discarded_fills: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub flushes: AtomicU64,
+    pub evicted_size: AtomicU64,
+    pub evicted_expired: AtomicU64,
+    pub coalesced: AtomicU64,
+}
+
+/// A fill in flight for one key.
+struct Pending {
+    token: u64,
+    since: Instant,
+}
+
+/// A marker older than this belongs to a fill whose session vanished
+/// before completing it; it no longer blocks new fills.
+const STALE_PENDING: Duration = Duration::from_secs(30);
+
+pub struct L1 {
+    pub mode: L1Mode,
+    cache: moka::sync::Cache<Bytes, Entry>,
+    pending: DashMap<Bytes, Pending>,
+    next_token: AtomicU64,
+    /// Tokens issued before this value belong to fills started before the
+    /// last flush.
+    epoch: AtomicU64,
+    /// False while a tracking connection is missing: no hits, no fills.
+    valid: AtomicBool,
+    /// Tracking was refused (or mode is "ttl"): entries live at most
+    /// `max_ttl` and connection loss does not matter.
+    ttl_only: AtomicBool,
+    max_ttl: Duration,
+    max_value_bytes: usize,
+    pub stats: Arc<L1Stats>,
+}
+
+/// What a GET should do.
+pub enum Lookup {
+    Hit(Bytes),
+    /// Read through the tracking connection and install with this token.
+    Fill(u64),
+    /// Read without filling (L1 off, not valid, value too large before, ...).
+    Bypass,
+}
+
+impl L1 {
+    pub fn new(cfg: &L1Config) -> Option<Arc<Self>> {
+        if cfg.mode == L1Mode::Off {
+            return None;
+        }
+        let stats = Arc::new(L1Stats::default());
+        let st = stats.clone();
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(cfg.max_bytes)
+            .weigher(|k: &Bytes, v: &Entry| {
+                (k.len() + v.frame.len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
+            })
+            .expire_after(EntryExpiry)
+            .eviction_listener(move |_k, _v, cause| match cause {
+                RemovalCause::Size => {
+                    st.evicted_size.fetch_add(1, Ordering::Relaxed);
+                }
+                RemovalCause::Expired => {
+                    st.evicted_expired.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            })
+            .build();
+        Some(Arc::new(L1 {
+            mode: cfg.mode,
+            cache,
+            pending: DashMap::new(),
+            next_token: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
+            valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
+            ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
+            max_ttl: Duration::from_millis(cfg.max_ttl_ms.max(1)),
+            max_value_bytes: cfg.max_value_bytes,
+            stats,
+        }))
+    }
+
+    /// Looks a key up for a GET. `idle` tells whether the session has nothing
+    /// in flight: only then may a fill start, because a fill travels on
+    /// another connection than the session's earlier commands.
+    pub fn lookup(&self, key: &[u8], idle: bool) -> Lookup {
+        if !self.valid.load(Ordering::Acquire) {
+            return Lookup::Bypass;
+        }
+        if let Some(e) = self.cache.get(key) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Hit(e.frame);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        if !idle {
+            return Lookup::Bypass;
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        match self.pending.entry(Bytes::copy_from_slice(key)) {
+            dashmap::Entry::Occupied(mut o) if o.get().since.elapsed() > STALE_PENDING => {
+                o.insert(Pending {
+                    token,
+                    since: Instant::now(),
+                });
+                Lookup::Fill(token)
+            }
+            dashmap::Entry::Occupied(_) => {
+                // Another fill of this key is in flight: this read goes
+                // upstream without installing, so only one fill races.
+                self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                Lookup::Bypass
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Pending {
+                    token,
+                    since: Instant::now(),
+                });
+                Lookup::Fill(token)
+            }
+        }
+    }
+
+    /// Completes a fill. `pttl` is the key's remaining time in ms as read
+    /// atomically with the value (-1: no expiry, -2: missing). Returns
+    /// whether the value was installed.
+    pub fn complete(&self, key: &Bytes, token: u64, frame: Option<&Bytes>, pttl: i64) -> bool {
+        let ours = self
+            .pending
+            .remove_if(key, |_, p| p.token == token)
+            .is_some();
+        let current =
+            token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
+        let Some(frame) = frame else {
+            return false;
+        };
+        if !ours || !current {
+            self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if pttl == -2 || pttl == 0 || frame.len() > self.max_value_bytes {
+            return false;
+        }
+        let ttl = if pttl > 0 {
+            self.max_ttl.min(Duration::from_millis(pttl as u64))
+        } else {
+            self.max_ttl
+        };
+        self.cache.insert(
+            key.clone(),
+            Entry {
+                frame: frame.clone(),
+                ttl,
+            },
+        );
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Forgets a key: its entry and any fill in flight.
+    pub fn invalidate(&self, key: &[u8]) {
+        self.pending.remove(key);
+        self.cache.invalidate(key);
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops everything, including fills in flight.
+    pub fn flush(&self) {
+        self.epoch.store(
+            self.next_token.fetch_add(1, Ordering::AcqRel) + 1,
+            Ordering::Release,
+        );
+        self.pending.clear();
+        self.cache.invalidate_all();
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tracking lost (false) or back (true). Losing it flushes first, so no
+    /// hit is served from entries whose invalidations may have been missed.
+    pub fn set_valid(&self, valid: bool) {
+        if self.ttl_only.load(Ordering::Acquire) {
+            return;
+        }
+        if !valid {
+            self.valid.store(false, Ordering::Release);
+            self.flush();
+        } else {
+            self.flush();
+            self.valid.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether fill connections should ask for tracking.
+    pub fn tracks(&self) -> bool {
+        !self.ttl_only.load(Ordering::Acquire)
+    }
+
+    /// Redis refused tracking: serve with TTL-bounded entries only.
+    pub fn degrade_to_ttl(&self) {
+        self.ttl_only.store(true, Ordering::Release);
+        self.flush();
+        self.valid.store(true, Ordering::Release);
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
+    /// Handles one RESP3 push frame from a tracking connection.
+    pub fn on_push(&self, frame: &[u8]) {
+        let Ok(redis::Value::Push { kind, data }) = redis::parse_redis_value(frame) else {
+            return;
+        };
+        if kind != redis::PushKind::Invalidate {
+            return;
+        }
+        match data.into_iter().next() {
+            Some(redis::Value::Array(keys)) => {
+                for k in keys {
+                    if let redis::Value::BulkString(k) = k {
+                        self.invalidate(&k);
+                    }
+                }
+            }
+            // A null list: FLUSHALL/FLUSHDB (or tracking table overflow).
+            _ => self.flush(),
+        }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.weighted_size()
+    }
+
+    /// Field/value pairs for PROXY L1 STATS and INFO.
+    pub fn render(&self) -> Vec<(String, String)> {
+        let s = &self.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let hits = s.hits.load(Ordering::Relaxed);
+        let misses = s.misses.load(Ordering::Relaxed);
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        vec![
+            (
+                "mode".into(),
+                if self.tracks() { "tracking" } else { "ttl" }.to_string(),
+            ),
+            ("valid".into(), (self.is_valid() as u8).to_string()),
+            ("hits".into(), hits.to_string()),
+            ("misses".into(), misses.to_string()),
+            ("hit_ratio".into(), format!("{ratio:.4}")),
+            ("fills".into(), g(&s.fills)),
+            ("discarded_fills".into(), g(&s.discarded_fills)),
+            ("coalesced_misses".into(), g(&s.coalesced)),
+            ("invalidations".into(), g(&s.invalidations)),
+            ("flushes".into(), g(&s.flushes)),
+            ("evicted_size".into(), g(&s.evicted_size)),
+            ("evicted_expired".into(), g(&s.evicted_expired)),
+            ("entries".into(), self.entries().to_string()),
+            ("bytes".into(), self.bytes().to_string()),
+        ]
+    }
+}
+
+/// Splits the reply to `MULTI; PTTL k; GET k; EXEC` (RESP3) into the key's
+/// PTTL and the GET reply frame as the client must see it. `None` when the
+/// transaction failed (the error frame is then in the second field).
+pub fn split_fill_reply(data: &[u8]) -> Result<(i64, Bytes), Bytes> {
+    let err = |d: &[u8]| Bytes::copy_from_slice(d);
+    let mut sc = crate::resp::FrameScanner::new();
+    let mut pos = 0;
+    // +OK, +QUEUED, +QUEUED
+    for _ in 0..3 {
+        match sc.next_frame(&data[pos..]) {
+            Ok(Some(end)) => {
+                if data[pos] == b'-' {
+                    return Err(err(&data[pos..pos + end]));
+                }
+                pos += end;
+                sc.reset();
+            }
+            _ => return Err(err(b"-ERR respite: malformed fill reply\r\n")),
+        }
+    }
+    let exec = &data[pos..];
+    if exec.first() != Some(&b'*') {
+        // -EXECABORT or a null array: pass the frame on as the reply.
+        return Err(err(exec));
+    }
+    let hdr_end = exec
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(exec.len());
+    let rest = &exec[hdr_end..];
+    let Some(line_end) = rest.iter().position(|&b| b == b'\r') else {
+        return Err(err(b"-ERR respite: malformed fill reply\r\n"));
+    };
+    let pttl = if rest.first() == Some(&b':') {
+        crate::resp::parse_int(&rest[1..line_end]).unwrap_or(-2)
+    } else {
+        -2
+    };
+    let value = &rest[line_end + 2..];
+    Ok((pttl, Bytes::copy_from_slice(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l1() -> Arc<L1> {
+        let cfg = L1Config {
+            mode: L1Mode::Ttl,
+            ..L1Config::default()
+        };
+        L1::new(&cfg).unwrap()
+    }
+
+    #[test]
+    fn fill_then_hit_then_invalidate() {
+        let l = l1();
+        let k = Bytes::from_static(b"k");
+        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+            panic!()
+        };
+        let frame = Bytes::from_static(b"$1\r\nv\r\n");
+        assert!(l.complete(&k, t, Some(&frame), -1));
+        assert!(matches!(l.lookup(b"k", true), Lookup::Hit(f) if f == frame));
+        l.invalidate(b"k");
+        assert!(matches!(l.lookup(b"k", false), Lookup::Bypass));
+    }
+
+    #[test]
+    fn invalidation_during_fill_discards_it() {
+        let l = l1();
+        let k = Bytes::from_static(b"k");
+        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+            panic!()
+        };
+        // A second miss while the fill is in flight does not start another.
+        assert!(matches!(l.lookup(b"k", true), Lookup::Bypass));
+        l.invalidate(b"k");
+        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nold\r\n")), -1));
+        assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 1);
+        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+            panic!()
+        };
+        l.flush();
+        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nx\r\n")), -1));
+    }
+
+    #[test]
+    fn ttl_follows_redis_and_missing_keys_are_not_cached() {
+        let l = l1();
+        let k = Bytes::from_static(b"k");
+        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+            panic!()
+        };
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), 30));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            !matches!(l.lookup(b"k", false), Lookup::Hit(_)),
+            "outlived its PTTL"
+        );
+        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+            panic!()
+        };
+        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2));
+    }
+
+    #[test]
+    fn pushes() {
+        let l = l1();
+        let k = Bytes::from_static(b"a");
+        let Lookup::Fill(t) = l.lookup(b"a", true) else {
+            panic!()
+        };
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1));
+        l.on_push(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n");
+        assert!(!matches!(l.lookup(b"a", false), Lookup::Hit(_)));
+        let Lookup::Fill(t) = l.lookup(b"a", true) else {
+            panic!()
+        };
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1));
+        l.on_push(b">2\r\n$10\r\ninvalidate\r\n_\r\n");
+        assert!(!matches!(l.lookup(b"a", false), Lookup::Hit(_)));
+    }
+
+    #[test]
+    fn fill_reply_parsing() {
+        let (pttl, v) =
+            split_fill_reply(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1500\r\n$3\r\nabc\r\n").unwrap();
+        assert_eq!((pttl, &v[..]), (1500, &b"$3\r\nabc\r\n"[..]));
+        let (pttl, v) =
+            split_fill_reply(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:-2\r\n_\r\n").unwrap();
+        assert_eq!((pttl, &v[..]), (-2, &b"_\r\n"[..]));
+        let (_, v) = split_fill_reply(
+            b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:-1\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+        )
+        .unwrap();
+        assert!(v.starts_with(b"-WRONGTYPE"));
+        assert!(split_fill_reply(b"-ERR x\r\n+QUEUED\r\n+QUEUED\r\n-EXECABORT y\r\n").is_err());
+    }
+}
