@@ -143,10 +143,8 @@ pub struct L1Config {
 
 impl Default for L1Config {
     fn default() -> Self {
-        // The near cache is not built yet; until it is, "off" is the only
-        // mode that does what it says (see validate()).
         L1Config {
-            mode: L1Mode::Off,
+            mode: L1Mode::Tracking,
             max_bytes: 256 << 20,
             max_ttl_ms: 60_000,
             max_value_bytes: 1 << 20,

@@ -1,0 +1,369 @@
+//! L1 near cache against real redis-servers: hits cost no upstream command,
+//! invalidations from Redis and from other proxies arrive fast, readers
+//! never see a key's version go backwards.
+
+mod common;
+use common::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn l1_stat(c: &mut redis::Connection, field: &str) -> i64 {
+    let m: std::collections::HashMap<String, String> =
+        redis::cmd("PROXY").arg("L1").arg("STATS").query(c).unwrap();
+    m[field].parse().unwrap_or(-1)
+}
+
+/// Polls until `get` returns `want` or `within` passes; returns the time taken.
+fn visible_within(
+    c: &mut redis::Connection,
+    key: &str,
+    want: Option<&str>,
+    within: Duration,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let v: Option<String> = redis::cmd("GET").arg(key).query(c).unwrap();
+        if v.as_deref() == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{key}: still {v:?} after {within:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn second_get_is_served_without_upstream_command() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET").arg("hot").arg("v").query(&mut c).unwrap();
+    let v: String = redis::cmd("GET").arg("hot").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    let before = redis.calls("get");
+    for _ in 0..50 {
+        let v: String = redis::cmd("GET").arg("hot").query(&mut c).unwrap();
+        assert_eq!(v, "v");
+    }
+    assert_eq!(redis.calls("get"), before, "hits reached Redis");
+    assert!(l1_stat(&mut c, "hits") >= 50);
+    // RESP3 clients get the same hit.
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", proxy.port)).unwrap();
+    let mut c3 = client.get_connection_with_timeout(TIMEOUT).unwrap();
+    let v: String = redis::cmd("GET").arg("hot").query(&mut c3).unwrap();
+    assert_eq!(v, "v");
+    // Nil is never cached and stays RESP2-nil for RESP2 clients.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"GET", b"absent"]));
+    r.expect(b"$-1\r\n");
+    r.send(&cmd_bytes(&[b"GET", b"absent"]));
+    r.expect(b"$-1\r\n");
+    let m = proxy.metrics();
+    assert!(m.contains("respite_l1_hits"), "{m}");
+}
+
+#[test]
+fn writes_elsewhere_are_visible_fast() {
+    let redis = RedisServer::start();
+    let p1 = Proxy::start(&redis.url(), &[]);
+    let p2 = Proxy::start(&redis.url(), &[]);
+    let mut c1 = p1.conn();
+    let mut c2 = p2.conn();
+    let mut direct = redis.conn();
+    for round in 0..20 {
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg(format!("d{round}"))
+            .query(&mut direct)
+            .unwrap();
+        visible_within(
+            &mut c1,
+            "k",
+            Some(&format!("d{round}")),
+            Duration::from_millis(50),
+        );
+        // Now cached in p1; a write through p2 must reach p1's readers too.
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg(format!("p{round}"))
+            .query(&mut c2)
+            .unwrap();
+        visible_within(
+            &mut c1,
+            "k",
+            Some(&format!("p{round}")),
+            Duration::from_millis(50),
+        );
+    }
+    // Deletes, expiry changes and FLUSHALL done directly.
+    let _: i64 = redis::cmd("DEL").arg("k").query(&mut direct).unwrap();
+    visible_within(&mut c1, "k", None, Duration::from_millis(50));
+    let _: () = redis::cmd("SET")
+        .arg("f")
+        .arg("1")
+        .query(&mut direct)
+        .unwrap();
+    visible_within(&mut c1, "f", Some("1"), Duration::from_millis(50));
+    let _: () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
+    visible_within(&mut c1, "f", None, Duration::from_millis(50));
+    assert!(l1_stat(&mut c1, "invalidations") + l1_stat(&mut c1, "flushes") > 0);
+}
+
+#[test]
+fn read_your_writes_in_pipelines() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    for i in 0..200 {
+        let (a, b, x, y): (String, String, i64, String) = redis::pipe()
+            .cmd("SET")
+            .arg("p")
+            .arg(format!("a{i}"))
+            .cmd("GET")
+            .arg("p")
+            .cmd("SET")
+            .arg("p")
+            .arg(format!("b{i}"))
+            .cmd("GET")
+            .arg("p")
+            .cmd("INCR")
+            .arg("n")
+            .cmd("GET")
+            .arg("n")
+            .query::<((), String, (), String, i64, String)>(&mut c)
+            .map(|(_, a, _, b, x, y)| (a, b, x, y))
+            .unwrap();
+        assert_eq!(
+            (a.as_str(), b.as_str()),
+            (format!("a{i}").as_str(), format!("b{i}").as_str())
+        );
+        assert_eq!(x.to_string(), y);
+        // And the next single GET (likely a hit) agrees.
+        let v: String = redis::cmd("GET").arg("p").query(&mut c).unwrap();
+        assert_eq!(v, format!("b{i}"));
+    }
+    // MGET over cached and uncached keys answers in order.
+    let _: () = redis::cmd("MSET")
+        .arg("m1")
+        .arg("1")
+        .arg("m3")
+        .arg("3")
+        .query(&mut c)
+        .unwrap();
+    let _: String = redis::cmd("GET").arg("m1").query(&mut c).unwrap();
+    let v: Vec<Option<String>> = redis::cmd("MGET")
+        .arg("m1")
+        .arg("m2")
+        .arg("m3")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, vec![Some("1".into()), None, Some("3".into())]);
+}
+
+#[test]
+fn keys_never_outlive_their_redis_expiry() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET")
+        .arg("e")
+        .arg("v")
+        .arg("PX")
+        .arg(300)
+        .query(&mut c)
+        .unwrap();
+    let v: Option<String> = redis::cmd("GET").arg("e").query(&mut c).unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+    let v: Option<String> = redis::cmd("GET").arg("e").query(&mut c).unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+    std::thread::sleep(Duration::from_millis(320));
+    let v: Option<String> = redis::cmd("GET").arg("e").query(&mut c).unwrap();
+    assert_eq!(v, None, "served after its Redis expiry");
+    // l1.max_ttl_ms bounds entries without a TTL (ttl mode, no tracking).
+    let p2 = Proxy::start(
+        &redis.url(),
+        &["--set", "l1.mode=ttl", "--set", "l1.max_ttl_ms=200"],
+    );
+    let mut c2 = p2.conn();
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("t")
+        .arg("1")
+        .query(&mut direct)
+        .unwrap();
+    visible_within(&mut c2, "t", Some("1"), Duration::from_millis(50));
+    let _: () = redis::cmd("SET")
+        .arg("t")
+        .arg("2")
+        .query(&mut direct)
+        .unwrap();
+    visible_within(&mut c2, "t", Some("2"), Duration::from_millis(400));
+    assert_eq!(l1_stat(&mut c2, "valid"), 1);
+}
+
+#[test]
+fn upstream_restart_with_different_data_flushes() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let proxy = Proxy::start(&redis.url(), &["--set", "upstream.reconnect_max_ms=200"]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET").arg("r").arg("old").query(&mut c).unwrap();
+    let _: String = redis::cmd("GET").arg("r").query(&mut c).unwrap();
+    redis.stop();
+    // While tracking is down no hit is served.
+    std::thread::sleep(Duration::from_millis(200));
+    let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("r").query(&mut c);
+    assert!(r.is_err(), "served {r:?} from L1 without tracking");
+    let fresh = RedisServer::start_on(port, &[]);
+    let mut direct = fresh.conn();
+    let _: () = redis::cmd("SET")
+        .arg("r")
+        .arg("new")
+        .query(&mut direct)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(v) = redis::cmd("GET").arg("r").query::<Option<String>>(&mut c) {
+            assert_eq!(v.as_deref(), Some("new"), "stale value after restart");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn byte_bound_holds_under_a_larger_working_set() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "l1.max_bytes=1048576"]);
+    let mut c = proxy.conn();
+    let val = vec![b'x'; 1000];
+    let mut p = redis::pipe();
+    for i in 0..10_000 {
+        p.cmd("SET").arg(format!("w{i}")).arg(&val).ignore();
+    }
+    let _: () = p.query(&mut c).unwrap();
+    for round in 0..2 {
+        for i in 0..10_000 {
+            let v: Vec<u8> = redis::cmd("GET")
+                .arg(format!("w{i}"))
+                .query(&mut c)
+                .unwrap();
+            assert_eq!(v.len(), 1000, "round {round} key {i}");
+        }
+    }
+    let bytes = l1_stat(&mut c, "bytes");
+    assert!(
+        bytes > 0 && bytes <= 1_153_434,
+        "L1 holds {bytes} bytes for a 1 MiB bound"
+    );
+    assert!(l1_stat(&mut c, "evicted_size") > 0);
+    let _: () = redis::cmd("PROXY")
+        .arg("L1")
+        .arg("FLUSH")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(l1_stat(&mut c, "entries"), 0);
+}
+
+/// Writers bump per-key versions (directly and through two proxies); readers
+/// through the proxies must never see a version go backwards, and must see the
+/// final versions shortly after the writers stop.
+fn coherence_checker(duration: Duration) {
+    let redis = RedisServer::start();
+    let p1 = Proxy::start(&redis.url(), &[]);
+    let p2 = Proxy::start(&redis.url(), &[]);
+    const KEYS: usize = 8;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ports = [redis.port, p1.port, p2.port];
+    let mut writers = Vec::new();
+    for (w, port) in ports.iter().enumerate() {
+        let stop = stop.clone();
+        let port = *port;
+        writers.push(std::thread::spawn(move || {
+            let mut c = conn_to(port);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let k = format!("ver:{}", (n as usize + w) % KEYS);
+                let _: i64 = redis::cmd("INCR").arg(&k).query(&mut c).unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let stop = stop.clone();
+        let port = if r % 2 == 0 { p1.port } else { p2.port };
+        readers.push(std::thread::spawn(move || {
+            let mut c = conn_to(port);
+            let mut last = [0i64; KEYS];
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (k, seen) in last.iter_mut().enumerate() {
+                    let v: Option<i64> = redis::cmd("GET")
+                        .arg(format!("ver:{k}"))
+                        .query(&mut c)
+                        .unwrap();
+                    let v = v.unwrap_or(0);
+                    assert!(
+                        v >= *seen,
+                        "ver:{k} went backwards: {seen} then {v} (proxy port {port})"
+                    );
+                    *seen = v;
+                    reads += 1;
+                }
+            }
+            reads
+        }));
+    }
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let reads: u64 = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader saw a version go backwards"))
+        .sum();
+    assert!(
+        writes > 1000 && reads > 1000,
+        "writes {writes} reads {reads}"
+    );
+    // Final versions everywhere within 100 ms.
+    let mut direct = redis.conn();
+    let finals: Vec<Option<String>> = (0..KEYS)
+        .map(|k| {
+            redis::cmd("GET")
+                .arg(format!("ver:{k}"))
+                .query(&mut direct)
+                .unwrap()
+        })
+        .collect();
+    for p in [&p1, &p2] {
+        let mut c = p.conn();
+        for (k, f) in finals.iter().enumerate() {
+            visible_within(
+                &mut c,
+                &format!("ver:{k}"),
+                f.as_deref(),
+                Duration::from_millis(100),
+            );
+        }
+        let hits = l1_stat(&mut c, "hits");
+        assert!(hits > 0, "the checker never exercised L1 hits");
+    }
+}
+
+#[test]
+fn coherence_versions_never_go_backwards() {
+    coherence_checker(Duration::from_secs(3));
+}
+
+#[test]
+#[ignore = "long soak; run with --ignored"]
+fn coherence_versions_never_go_backwards_soak() {
+    coherence_checker(Duration::from_secs(120));
+}
