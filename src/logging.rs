@@ -23,7 +23,12 @@ pub fn init(cfg: &LogConfig) {
             .try_init()
             .is_ok(),
         LogFormat::Plain => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour codes only on a terminal, not in files or journald.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init()
             .is_ok(),
     };

@@ -107,11 +107,29 @@ struct Inflight {
     sent: Instant,
 }
 
+/// A connection's "dead" signal. `is_cancelled` on a CancellationToken
+/// takes a lock, and it is asked on every batch, so a flag mirrors it.
+#[derive(Clone, Default)]
+pub struct Dead(Arc<(AtomicBool, CancellationToken)>);
+
+impl Dead {
+    pub fn cancel(&self) {
+        self.0.0.store(true, Ordering::Release);
+        self.0.1.cancel();
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.0.load(Ordering::Acquire)
+    }
+    pub fn token(&self) -> CancellationToken {
+        self.0.1.clone()
+    }
+}
+
 /// A handle to one live upstream connection. Cloning is cheap.
 #[derive(Clone)]
 pub struct Conn {
     tx: mpsc::UnboundedSender<Batch>,
-    dead: CancellationToken,
+    dead: Dead,
 }
 
 impl Conn {
@@ -143,7 +161,7 @@ impl Conn {
 
     /// Resolves when the connection has died.
     pub async fn closed(&self) {
-        self.dead.cancelled().await
+        self.dead.token().cancelled().await
     }
 
     /// Closes the connection (in-flight requests fail).
@@ -311,7 +329,7 @@ fn spawn_detachable(
     on_push: Option<PushFn>,
 ) -> (Conn, Detach) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let dead = CancellationToken::new();
+    let dead = Dead::default();
     let stop = CancellationToken::new();
     let inflight: Arc<Mutex<VecDeque<Inflight>>> = Arc::default();
     let UpStream { r, w } = stream;
@@ -345,16 +363,19 @@ async fn writer(
     mut w: UpWrite,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     inflight: Arc<Mutex<VecDeque<Inflight>>>,
-    dead: CancellationToken,
+    dead: Dead,
     stop: CancellationToken,
 ) -> Option<UpWrite> {
+    let dead_token = dead.token();
+    let mut dead_sig = std::pin::pin!(dead_token.cancelled());
+    let mut stop_sig = std::pin::pin!(stop.cancelled());
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut big: Vec<Bytes> = Vec::new();
     loop {
         let first = tokio::select! {
             b = rx.recv() => match b { Some(b) => b, None => break },
-            _ = dead.cancelled() => break,
-            _ = stop.cancelled() => return Some(w),
+            _ = &mut dead_sig => break,
+            _ = &mut stop_sig => return Some(w),
         };
         let now = Instant::now();
         let mut next = Some(first);
@@ -485,11 +506,14 @@ impl Cut {
 async fn reader(
     mut r: UpRead,
     inflight: Arc<Mutex<VecDeque<Inflight>>>,
-    dead: CancellationToken,
+    dead: Dead,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
     on_push: Option<PushFn>,
 ) -> Option<UpRead> {
+    let dead_token = dead.token();
+    let mut dead_sig = std::pin::pin!(dead_token.cancelled());
+    let mut stop_sig = std::pin::pin!(stop.cancelled());
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut cut = Cut::default();
     let reason = loop {
@@ -504,7 +528,7 @@ async fn reader(
                 Ok(0) | Err(_) => break UpError::Lost,
                 Ok(_) => {}
             },
-            _ = dead.cancelled() => {
+            _ = &mut dead_sig => {
                 // Closed on purpose (session ended, shutdown, watchdog):
                 // not an upstream failure unless requests were waiting.
                 if inflight.lock().unwrap().is_empty() {
@@ -512,7 +536,7 @@ async fn reader(
                 }
                 break UpError::Lost;
             }
-            _ = stop.cancelled() => {
+            _ = &mut stop_sig => {
                 if buf.is_empty() && inflight.lock().unwrap().is_empty() {
                     return Some(r);
                 }
@@ -531,15 +555,17 @@ async fn reader(
 
 async fn watchdog(
     inflight: Arc<Mutex<VecDeque<Inflight>>>,
-    dead: CancellationToken,
+    dead: Dead,
     timeout: Duration,
 ) {
+    let dead_token = dead.token();
+    let mut dead_sig = std::pin::pin!(dead_token.cancelled());
     let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut iv = tokio::time::interval(tick);
     loop {
         tokio::select! {
             _ = iv.tick() => {}
-            _ = dead.cancelled() => return,
+            _ = &mut dead_sig => return,
         }
         let expired = {
             let q = inflight.lock().unwrap();
@@ -714,7 +740,8 @@ impl Upstream {
                     }
                     *self.pools[kind].slots[slot].conn.lock().unwrap() = None;
                     let left = self.health.connected.fetch_sub(1, Ordering::Relaxed) - 1;
-                    if left == 0 {
+                    // Closing on shutdown is not an outage.
+                    if left == 0 && !self.shutdown.is_cancelled() {
                         self.set_up(false, Some("connection lost".into()));
                     }
                     if self.shutdown.is_cancelled() {
