@@ -11,7 +11,11 @@ use respite::resp::{Limits, Parse, parse_request};
 use std::hint::black_box;
 
 fn setup(n: usize, size: usize) -> std::sync::Arc<L1> {
-    let l1 = L1::new(&L1Config { mode: L1Mode::Ttl, ..L1Config::default() }).unwrap();
+    let l1 = L1::new(&L1Config {
+        mode: L1Mode::Ttl,
+        ..L1Config::default()
+    })
+    .unwrap();
     let frame = Bytes::from(format!("${size}\r\n{}\r\n", "v".repeat(size)));
     for i in 0..n {
         let key = format!("key:{i:06}");
@@ -47,8 +51,13 @@ fn hit(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 7919) % 10_000;
                 let buf = &reqs[i];
-                let Ok(Parse::Complete(p)) = parse_request(black_box(buf), &limits) else { panic!() };
-                let view = RawArgs { buf, ranges: &p.args };
+                let Ok(Parse::Complete(p)) = parse_request(black_box(buf), &limits) else {
+                    panic!()
+                };
+                let view = RawArgs {
+                    buf,
+                    ranges: &p.args,
+                };
                 let id = command::lookup(&view);
                 let _ = command::classify(&view, id);
                 use respite::command::Args;

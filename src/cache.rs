@@ -80,6 +80,8 @@ pub struct L1 {
     ttl_only: AtomicBool,
     max_ttl: Duration,
     max_value_bytes: usize,
+    include: Vec<Vec<u8>>,
+    exclude: Vec<Vec<u8>>,
     pub stats: Arc<L1Stats>,
 }
 
@@ -125,6 +127,8 @@ impl L1 {
             ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             max_ttl: Duration::from_millis(cfg.max_ttl_ms.max(1)),
             max_value_bytes: cfg.max_value_bytes,
+            include: cfg.include.iter().map(|g| g.as_bytes().to_vec()).collect(),
+            exclude: cfg.exclude.iter().map(|g| g.as_bytes().to_vec()).collect(),
             stats,
         }))
     }
@@ -133,7 +137,7 @@ impl L1 {
     /// in flight: only then may a fill start, because a fill travels on
     /// another connection than the session's earlier commands.
     pub fn lookup(&self, key: &[u8], idle: bool) -> Lookup {
-        if !self.valid.load(Ordering::Acquire) {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return Lookup::Bypass;
         }
         if let Some(e) = self.cache.get(key) {
@@ -165,6 +169,33 @@ impl L1 {
                     since: Instant::now(),
                 });
                 Lookup::Fill(token)
+            }
+        }
+    }
+
+    /// `l1.include` / `l1.exclude` (the include list defaults to "*", so
+    /// the common case costs one comparison).
+    fn cacheable(&self, key: &[u8]) -> bool {
+        let inc = self
+            .include
+            .iter()
+            .any(|g| g == b"*" || crate::admin::glob(g, key));
+        inc && !self.exclude.iter().any(|g| crate::admin::glob(g, key))
+    }
+
+    /// A hit without starting a fill (MGET: hits are served, misses fetched).
+    pub fn peek(&self, key: &[u8]) -> Option<Bytes> {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
+            return None;
+        }
+        match self.cache.get(key) {
+            Some(e) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.frame)
+            }
+            None => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
     }
@@ -423,6 +454,20 @@ mod tests {
             panic!()
         };
         assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2));
+    }
+
+    #[test]
+    fn include_exclude() {
+        let cfg = L1Config {
+            mode: L1Mode::Ttl,
+            include: vec!["user:*".into()],
+            exclude: vec!["user:secret:*".into()],
+            ..L1Config::default()
+        };
+        let l = L1::new(&cfg).unwrap();
+        assert!(matches!(l.lookup(b"user:1", true), Lookup::Fill(_)));
+        assert!(matches!(l.lookup(b"other", true), Lookup::Bypass));
+        assert!(matches!(l.lookup(b"user:secret:x", true), Lookup::Bypass));
     }
 
     #[test]

@@ -139,6 +139,10 @@ pub struct L1Config {
     pub max_bytes: u64,
     pub max_ttl_ms: u64,
     pub max_value_bytes: usize,
+    /// Only keys matching one of these globs are cached.
+    pub include: Vec<String>,
+    /// Keys matching one of these globs are never cached.
+    pub exclude: Vec<String>,
 }
 
 impl Default for L1Config {
@@ -148,6 +152,8 @@ impl Default for L1Config {
             max_bytes: 256 << 20,
             max_ttl_ms: 60_000,
             max_value_bytes: 1 << 20,
+            include: vec!["*".into()],
+            exclude: Vec::new(),
         }
     }
 }

@@ -43,6 +43,9 @@ enum Post {
         token: u64,
         resp3: bool,
     },
+    /// An MGET of the keys L1 missed: merge its elements into the slots
+    /// (`None` = take the next element of the upstream reply).
+    Mget(Vec<Option<Bytes>>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +328,38 @@ where
                         }
                         Lookup::Bypass => {}
                     }
+                } else if id == *MGET_ID && p.args.len() > 2 && self.pinned.is_none() {
+                    // Hits are served from L1; only the missing keys go upstream.
+                    let slots: Vec<Option<Bytes>> = (1..p.args.len())
+                        .map(|i| l1.peek(view.arg(i).unwrap_or_default()))
+                        .collect();
+                    let missing: Vec<usize> =
+                        (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+                    if missing.len() < slots.len() {
+                        self.flush_run(&chunk, &mut run).await;
+                        if missing.is_empty() {
+                            let mut out = BytesMut::new();
+                            resp::array_header(&mut out, slots.len());
+                            for f in slots.iter().flatten() {
+                                out.extend_from_slice(f);
+                            }
+                            self.shared.metrics.command(
+                                MGET_ID.unwrap_or(0),
+                                false,
+                                Some(Duration::ZERO),
+                            );
+                            self.reply(out.freeze()).await;
+                        } else {
+                            let keys: Vec<&[u8]> = std::iter::once(&b"MGET"[..])
+                                .chain(missing.iter().map(|&i| view.arg(i + 1).unwrap_or_default()))
+                                .collect();
+                            let mut b = BytesMut::new();
+                            resp::encode_command(&keys, &mut b);
+                            let ids = vec![MGET_ID.unwrap_or(0) as u16];
+                            self.forward(b.freeze(), ids, Post::Mget(slots)).await;
+                        }
+                        continue;
+                    }
                 } else if id.is_some_and(command::may_write) {
                     invalidate_writes(l1, &view, id);
                 }
@@ -513,6 +548,7 @@ where
                             Post::Fill { key, token, resp3 } => {
                                 fill_reply(&self.shared, &key, token, resp3, &reply.data)
                             }
+                            Post::Mget(slots) => merge_mget(slots, reply.data),
                         };
                         self.append(&data).await;
                         self.out.sub(n);
@@ -1106,6 +1142,34 @@ where
     }
 }
 
+/// Merges L1 hits with the upstream reply for the missed keys, in order.
+fn merge_mget(slots: Vec<Option<Bytes>>, data: Bytes) -> Bytes {
+    if data.first() != Some(&b'*') {
+        return data;
+    }
+    let Some(hdr) = data.iter().position(|&b| b == b'\n') else {
+        return data;
+    };
+    let mut pos = hdr + 1;
+    let mut sc = resp::FrameScanner::new();
+    let mut out = BytesMut::with_capacity(data.len() + 64 * slots.len());
+    resp::array_header(&mut out, slots.len());
+    for slot in slots {
+        match slot {
+            Some(f) => out.extend_from_slice(&f),
+            None => match sc.next_frame(&data[pos..]) {
+                Ok(Some(end)) => {
+                    out.extend_from_slice(&data[pos..pos + end]);
+                    pos += end;
+                    sc.reset();
+                }
+                _ => return resp::error_bytes("ERR respite: short MGET reply from upstream"),
+            },
+        }
+    }
+    out.freeze()
+}
+
 /// Installs a fill and returns the GET reply as this client must see it.
 fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]) -> Bytes {
     let l1 = shared.l1.as_ref();
@@ -1145,6 +1209,8 @@ fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<us
     }
 }
 
+static MGET_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("MGET"));
 static GET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("GET"));
 

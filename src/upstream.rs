@@ -553,11 +553,7 @@ async fn reader(
     None
 }
 
-async fn watchdog(
-    inflight: Arc<Mutex<VecDeque<Inflight>>>,
-    dead: Dead,
-    timeout: Duration,
-) {
+async fn watchdog(inflight: Arc<Mutex<VecDeque<Inflight>>>, dead: Dead, timeout: Duration) {
     let dead_token = dead.token();
     let mut dead_sig = std::pin::pin!(dead_token.cancelled());
     let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));

@@ -367,3 +367,43 @@ fn coherence_versions_never_go_backwards() {
 fn coherence_versions_never_go_backwards_soak() {
     coherence_checker(Duration::from_secs(120));
 }
+
+#[test]
+fn mget_serves_hits_and_fetches_only_misses() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("MSET")
+        .arg("a")
+        .arg("1")
+        .arg("b")
+        .arg("2")
+        .arg("c")
+        .arg("3")
+        .query(&mut c)
+        .unwrap();
+    for k in ["a", "c"] {
+        let _: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+    }
+    let mut r = proxy.raw();
+    // Partial: only "b" and "zz" go upstream; the reply is still in order.
+    let before = redis.calls("mget");
+    r.send(&cmd_bytes(&[b"MGET", b"a", b"b", b"zz", b"c"]));
+    r.expect(b"*4\r\n$1\r\n1\r\n$1\r\n2\r\n$-1\r\n$1\r\n3\r\n");
+    assert_eq!(redis.calls("mget"), before + 1);
+    let hits = l1_stat(&mut c, "hits");
+    // All hits: no upstream command at all.
+    r.send(&cmd_bytes(&[b"MGET", b"c", b"a"]));
+    r.expect(b"*2\r\n$1\r\n3\r\n$1\r\n1\r\n");
+    assert_eq!(redis.calls("mget"), before + 1);
+    assert_eq!(l1_stat(&mut c, "hits"), hits + 2);
+    // RESP3 clients get RESP3 nulls for the missing keys.
+    r.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    let mut sc = respite::resp::FrameScanner::new();
+    let mut buf = Vec::new();
+    while sc.next_frame(&buf).unwrap().is_none() {
+        buf.extend(r.read_n(1));
+    }
+    r.send(&cmd_bytes(&[b"MGET", b"a", b"zz"]));
+    r.expect(b"*2\r\n$1\r\n1\r\n_\r\n");
+}
