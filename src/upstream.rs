@@ -377,6 +377,13 @@ async fn writer(
             _ = &mut dead_sig => break,
             _ = &mut stop_sig => return Some(w),
         };
+        // Let the other sessions that are ready right now queue their
+        // commands before this write: one write then carries many clients'
+        // commands (the twemproxy effect). Without it, nearly every request
+        // cost its own upstream write (measured: 0.84 sendto per request).
+        if rx.is_empty() {
+            tokio::task::yield_now().await;
+        }
         let now = Instant::now();
         let mut next = Some(first);
         {
