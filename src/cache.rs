@@ -204,36 +204,36 @@ impl L1 {
     /// atomically with the value (-1: no expiry, -2: missing). Returns
     /// whether the value was installed.
     pub fn complete(&self, key: &Bytes, token: u64, frame: Option<&Bytes>, pttl: i64) -> bool {
-        let ours = self
-            .pending
-            .remove_if(key, |_, p| p.token == token)
-            .is_some();
-        let current =
-            token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
-        let Some(frame) = frame else {
+        // The install happens while the pending marker's shard lock is held:
+        // an invalidation removes the marker first (waiting for that lock),
+        // then the entry, so it either voids this fill or removes what it
+        // installed. Never a stale entry left behind.
+        let dashmap::Entry::Occupied(marker) = self.pending.entry(key.clone()) else {
+            if frame.is_some() {
+                self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         };
-        if !ours || !current {
+        if marker.get().token != token {
+            if frame.is_some() {
+                self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let current = token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
+        let installable = match frame {
+            Some(f) => current && pttl != -2 && pttl != 0 && f.len() <= self.max_value_bytes,
+            None => false,
+        };
+        if let (true, Some(frame)) = (installable, frame) {
+            let ttl = if pttl > 0 { self.max_ttl.min(Duration::from_millis(pttl as u64)) } else { self.max_ttl };
+            self.cache.insert(key.clone(), Entry { frame: frame.clone(), ttl });
+            self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
-            return false;
         }
-        if pttl == -2 || pttl == 0 || frame.len() > self.max_value_bytes {
-            return false;
-        }
-        let ttl = if pttl > 0 {
-            self.max_ttl.min(Duration::from_millis(pttl as u64))
-        } else {
-            self.max_ttl
-        };
-        self.cache.insert(
-            key.clone(),
-            Entry {
-                frame: frame.clone(),
-                ttl,
-            },
-        );
-        self.stats.fills.fetch_add(1, Ordering::Relaxed);
-        true
+        marker.remove();
+        installable
     }
 
     /// Forgets a key: its entry and any fill in flight.

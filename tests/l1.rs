@@ -15,21 +15,19 @@ fn l1_stat(c: &mut redis::Connection, field: &str) -> i64 {
 }
 
 /// Polls until `get` returns `want` or `within` passes; returns the time taken.
-fn visible_within(
-    c: &mut redis::Connection,
-    key: &str,
-    want: Option<&str>,
-    within: Duration,
-) -> Duration {
+/// On failure it keeps polling a while to tell "slow" from "stuck stale".
+fn visible_within(c: &mut redis::Connection, key: &str, want: Option<&str>, within: Duration) -> Duration {
     let t = Instant::now();
     loop {
         let v: Option<String> = redis::cmd("GET").arg(key).query(c).unwrap();
         if v.as_deref() == want {
-            return t.elapsed();
+            let took = t.elapsed();
+            assert!(took < within, "{key}: {want:?} visible only after {took:?} (limit {within:?})");
+            return took;
         }
         assert!(
-            t.elapsed() < within,
-            "{key}: still {v:?} after {within:?}, want {want:?}"
+            t.elapsed() < within + Duration::from_secs(3),
+            "{key}: STUCK at {v:?}, want {want:?} (stale entry never invalidated)"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
