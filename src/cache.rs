@@ -220,14 +220,25 @@ impl L1 {
             }
             return false;
         }
-        let current = token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
+        let current =
+            token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
         let installable = match frame {
             Some(f) => current && pttl != -2 && pttl != 0 && f.len() <= self.max_value_bytes,
             None => false,
         };
         if let (true, Some(frame)) = (installable, frame) {
-            let ttl = if pttl > 0 { self.max_ttl.min(Duration::from_millis(pttl as u64)) } else { self.max_ttl };
-            self.cache.insert(key.clone(), Entry { frame: frame.clone(), ttl });
+            let ttl = if pttl > 0 {
+                self.max_ttl.min(Duration::from_millis(pttl as u64))
+            } else {
+                self.max_ttl
+            };
+            self.cache.insert(
+                key.clone(),
+                Entry {
+                    frame: frame.clone(),
+                    ttl,
+                },
+            );
             self.stats.fills.fetch_add(1, Ordering::Relaxed);
         } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 //! registered once, so the hot path is an atomic add, not a registry lookup.
 
 use crate::command;
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Gauge};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -27,6 +27,38 @@ struct CmdStats {
 }
 
 impl CmdStats {
+    fn record(&self, error: Option<bool>, l: Duration) {
+        match error {
+            Some(true) => self.err.fetch_add(1, Ordering::Relaxed),
+            _ => self.ok.fetch_add(1, Ordering::Relaxed),
+        };
+        let ns = l.as_nanos().min(u64::MAX as u128) as u64;
+        let i = bucket_bounds_ns().partition_point(|&b| b < ns);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Prometheus histogram lines for this histogram.
+    fn render_histogram(&self, s: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cum = 0;
+        for (j, le) in LATENCY_BUCKETS.iter().enumerate() {
+            cum += counts[j];
+            let _ = writeln!(s, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(s, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(s, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(s, "{name}_count{{{labels}}} {total}");
+    }
+
     fn new() -> Self {
         CmdStats {
             ok: AtomicU64::new(0),
@@ -57,7 +89,9 @@ pub struct Metrics {
     bytes_out_c: Counter,
     upstream_up_g: Gauge,
     upstream_reconnects: Counter,
-    upstream_latency_h: Histogram,
+    /// Upstream round trip per batch; own atomics, like the per-command
+    /// histograms, because it is recorded for every batch.
+    upstream_latency: CmdStats,
 }
 
 impl Default for Metrics {
@@ -83,7 +117,7 @@ impl Metrics {
             bytes_out_c: metrics::counter!("respite_client_bytes_out_total"),
             upstream_up_g: metrics::gauge!("respite_upstream_up"),
             upstream_reconnects: metrics::counter!("respite_upstream_reconnects_total"),
-            upstream_latency_h: metrics::histogram!("respite_upstream_batch_duration_seconds"),
+            upstream_latency: CmdStats::new(),
         }
     }
 
@@ -91,16 +125,14 @@ impl Metrics {
     /// `command::count()` for unknown commands.
     pub fn command(&self, id: usize, error: bool, latency: Option<Duration>) {
         let c = &self.cmds[id.min(self.cmds.len() - 1)];
-        if error {
-            c.err.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.ok.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(l) = latency {
-            let ns = l.as_nanos().min(u64::MAX as u128) as u64;
-            let i = bucket_bounds_ns().partition_point(|&b| b < ns);
-            c.buckets[i].fetch_add(1, Ordering::Relaxed);
-            c.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        match latency {
+            Some(l) => c.record(Some(error), l),
+            None if error => {
+                c.err.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                c.ok.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -147,41 +179,24 @@ impl Metrics {
             }
         }
         s.push_str(
+            "# HELP respite_upstream_batch_duration_seconds Upstream round trip per batch.\n",
+        );
+        s.push_str("# TYPE respite_upstream_batch_duration_seconds histogram\n");
+        self.upstream_latency.render_histogram(
+            &mut s,
+            "respite_upstream_batch_duration_seconds",
+            "",
+        );
+        s.push_str(
             "# HELP respite_command_duration_seconds Time from dispatch to reply, per command.\n",
         );
         s.push_str("# TYPE respite_command_duration_seconds histogram\n");
         for (i, c) in self.cmds.iter().enumerate() {
-            let counts: Vec<u64> = c
-                .buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .collect();
-            let total: u64 = counts.iter().sum();
-            if total == 0 {
+            if c.buckets.iter().all(|b| b.load(Ordering::Relaxed) == 0) {
                 continue;
             }
-            let name = command::name(i).to_ascii_lowercase();
-            let mut cum = 0;
-            for (j, le) in LATENCY_BUCKETS.iter().enumerate() {
-                cum += counts[j];
-                let _ = writeln!(
-                    s,
-                    "respite_command_duration_seconds_bucket{{cmd=\"{name}\",le=\"{le}\"}} {cum}"
-                );
-            }
-            let _ = writeln!(
-                s,
-                "respite_command_duration_seconds_bucket{{cmd=\"{name}\",le=\"+Inf\"}} {total}"
-            );
-            let sum = c.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-            let _ = writeln!(
-                s,
-                "respite_command_duration_seconds_sum{{cmd=\"{name}\"}} {sum}"
-            );
-            let _ = writeln!(
-                s,
-                "respite_command_duration_seconds_count{{cmd=\"{name}\"}} {total}"
-            );
+            let labels = format!("cmd=\"{}\"", command::name(i).to_ascii_lowercase());
+            c.render_histogram(&mut s, "respite_command_duration_seconds", &labels);
         }
         s
     }
@@ -232,7 +247,7 @@ impl Metrics {
     }
 
     pub fn upstream_latency(&self, d: Duration) {
-        self.upstream_latency_h.record(d.as_secs_f64());
+        self.upstream_latency.record(None, d);
     }
 
     /// (name, calls, errors) for every command seen, for `PROXY STATS`.

@@ -16,13 +16,21 @@ fn l1_stat(c: &mut redis::Connection, field: &str) -> i64 {
 
 /// Polls until `get` returns `want` or `within` passes; returns the time taken.
 /// On failure it keeps polling a while to tell "slow" from "stuck stale".
-fn visible_within(c: &mut redis::Connection, key: &str, want: Option<&str>, within: Duration) -> Duration {
+fn visible_within(
+    c: &mut redis::Connection,
+    key: &str,
+    want: Option<&str>,
+    within: Duration,
+) -> Duration {
     let t = Instant::now();
     loop {
         let v: Option<String> = redis::cmd("GET").arg(key).query(c).unwrap();
         if v.as_deref() == want {
             let took = t.elapsed();
-            assert!(took < within, "{key}: {want:?} visible only after {took:?} (limit {within:?})");
+            assert!(
+                took < within,
+                "{key}: {want:?} visible only after {took:?} (limit {within:?})"
+            );
             return took;
         }
         assert!(

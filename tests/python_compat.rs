@@ -6,7 +6,9 @@ use common::*;
 
 #[test]
 fn redis_py_works_unchanged() {
-    let have = std::process::Command::new("python3").args(["-c", "import redis"]).status();
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import redis"])
+        .status();
     assert!(
         matches!(have, Ok(s) if s.success()),
         "redis-py is missing: run scripts/test (it installs it) or `pip install redis`"
