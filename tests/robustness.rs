@@ -528,3 +528,60 @@ fn check_subcommand_validates() {
     assert_eq!(out.status.code(), Some(1));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn upstream_password_and_client_auth_to_upstream_acl_users() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let proxy = Proxy::start(&url, &[]);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    // The password never shows in INFO or PROXY CONFIG GET.
+    let info: String = redis::cmd("INFO").arg("proxy").query(&mut c).unwrap();
+    let cfg: redis::Value = redis::cmd("PROXY")
+        .arg("CONFIG")
+        .arg("GET")
+        .arg("*")
+        .query(&mut c)
+        .unwrap();
+    assert!(!info.contains("s3cret") && !format!("{cfg:?}").contains("s3cret"));
+    assert!(!proxy.log().contains("s3cret"));
+    // A client authenticating as a Redis ACL user gets that user's rights.
+    let mut admin = redis::Client::open(format!("redis://:s3cret@127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_connection_with_timeout(TIMEOUT)
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("reader")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("+get")
+        .arg("+auth")
+        .query(&mut admin)
+        .unwrap();
+    let mut r = proxy.conn();
+    let _: () = redis::cmd("AUTH")
+        .arg("reader")
+        .arg("pw")
+        .query(&mut r)
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut r).unwrap();
+    assert_eq!(v, "v");
+    let e = redis::cmd("SET")
+        .arg("k")
+        .arg("x")
+        .query::<()>(&mut r)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("NOPERM") || e.to_string().contains("permission"),
+        "{e}"
+    );
+    let e = redis::cmd("AUTH")
+        .arg("reader")
+        .arg("wrong")
+        .query::<()>(&mut r)
+        .unwrap_err();
+    assert!(e.to_string().contains("WRONGPASS"), "{e}");
+}

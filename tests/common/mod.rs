@@ -78,12 +78,16 @@ impl RedisServer {
         // Listening is not ready: wait until it answers PING.
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Ok(mut c) = s
-                .client()
-                .get_connection_with_timeout(Duration::from_secs(1))
-                && redis::cmd("PING").query::<String>(&mut c).is_ok()
-            {
-                break;
+            // Raw PING: "+PONG", or "-NOAUTH" from a password-protected server.
+            if let Ok(mut t) = TcpStream::connect(("127.0.0.1", port)) {
+                t.set_read_timeout(Some(Duration::from_secs(1))).ok();
+                let mut b = [0u8; 64];
+                if t.write_all(b"PING\r\n").is_ok()
+                    && let Ok(n) = t.read(&mut b)
+                    && (b[..n].starts_with(b"+PONG") || b[..n].starts_with(b"-NOAUTH"))
+                {
+                    break;
+                }
             }
             assert!(
                 Instant::now() < deadline,
