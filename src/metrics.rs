@@ -136,6 +136,27 @@ impl Metrics {
         }
     }
 
+    /// Records a batch that succeeded; runs of the same command (the usual
+    /// pipeline) cost one histogram update.
+    pub fn commands_ok(&self, ids: &[u16], latency: Duration) {
+        let ns = latency.as_nanos().min(u64::MAX as u128) as u64;
+        let bucket = bucket_bounds_ns().partition_point(|&b| b < ns);
+        let mut i = 0;
+        while i < ids.len() {
+            let id = ids[i];
+            let mut n = 1;
+            while i + n < ids.len() && ids[i + n] == id {
+                n += 1;
+            }
+            let c = &self.cmds[(id as usize).min(self.cmds.len() - 1)];
+            c.ok.fetch_add(n as u64, Ordering::Relaxed);
+            c.buckets[bucket].fetch_add(n as u64, Ordering::Relaxed);
+            c.sum_ns
+                .fetch_add(ns.saturating_mul(n as u64), Ordering::Relaxed);
+            i += n;
+        }
+    }
+
     /// Prometheus text for the per-command families, L1 and AI statistics.
     pub fn render_commands(&self, l1: Option<&crate::cache::L1>) -> String {
         use std::fmt::Write;

@@ -259,7 +259,7 @@ where
     /// Parses and dispatches every complete request in `buf`.
     async fn process(&mut self, buf: &mut BytesMut, need: &mut usize) -> Flow {
         let limits = self.shared.rt.limits();
-        let mut parsed = Vec::new();
+        let mut parsed = Vec::with_capacity(16);
         let mut off = 0;
         let mut proto_err = None;
         loop {
@@ -531,9 +531,13 @@ where
                 let elapsed = start.elapsed();
                 match res {
                     Ok(reply) => {
-                        for (i, id) in ids.iter().enumerate() {
-                            let err = i < 64 && reply.errors & (1 << i) != 0;
-                            metrics.command(*id as usize, err, Some(elapsed));
+                        if reply.errors == 0 {
+                            metrics.commands_ok(&ids, elapsed);
+                        } else {
+                            for (i, id) in ids.iter().enumerate() {
+                                let err = i < 64 && reply.errors & (1 << i) != 0;
+                                metrics.command(*id as usize, err, Some(elapsed));
+                            }
                         }
                         let n = reply.data.len();
                         let data = match post {

@@ -77,7 +77,32 @@ pub enum Local {
     Ai,
 }
 
-static INDEX: LazyLock<HashMap<&'static [u8], usize>> = LazyLock::new(|| {
+/// FNV-1a: command names are short and trusted-shaped, and SipHash showed
+/// up at ~3.5% of the proxy's CPU in pipelined benchmarks.
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf29ce484222325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
+
+static INDEX: LazyLock<HashMap<&'static [u8], usize, FnvBuild>> = LazyLock::new(|| {
     table::SPECS
         .iter()
         .enumerate()
