@@ -27,6 +27,8 @@ const HELP: &[&str] = &[
     "    Change a runtime-reloadable key.",
     "CONFIG RELOAD",
     "    Re-read the configuration file (as SIGHUP does).",
+    "SECURITY",
+    "    TLS, AUTH and upstream security status, with recommendations (admin).",
     "HELP",
     "    This help.",
 ];
@@ -288,6 +290,7 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
             lines_reply(out, &text, resp3);
         }
         (b"CONFIG", _) => config_command(sh, args, resp3, out),
+        (b"SECURITY", 2) => lines_reply(out, &crate::check::report(sh), resp3),
         (b"L1", 3) => {
             let sub = args[2].to_ascii_uppercase();
             match (&sub[..], &sh.l1) {
