@@ -53,6 +53,14 @@ pub fn proxy_info(sh: &Shared) -> String {
         sh.started.elapsed().as_secs()
     );
     let _ = write!(s, "proxy_listen:{}\r\n", sh.listen_addr);
+    if let Some(t) = sh.tls_addr {
+        let _ = write!(s, "proxy_tls_listen:{t}\r\n");
+    }
+    let _ = write!(
+        s,
+        "proxy_auth:{}\r\n",
+        if sh.auth.enabled() { "required" } else { "off" }
+    );
     let _ = write!(s, "proxy_connected_clients:{}\r\n", sh.clients.len());
     let _ = write!(
         s,

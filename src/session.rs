@@ -189,9 +189,14 @@ where
     let flow = loop {
         if buf.len() >= need.max(1) {
             need = 0;
+            let before = buf.len();
             match s.process(&mut buf, &mut need).await {
                 Flow::Continue => {}
                 other => break other,
+            }
+            if buf.len() < before {
+                // A request completed: the guard starts over for the next one.
+                partial = None;
             }
             if s.quit {
                 break Flow::Stop;
