@@ -726,3 +726,54 @@ fn ten_thousand_connections() {
     );
     drop(conns);
 }
+
+#[test]
+fn tls_client_that_never_reads_is_disconnected() {
+    let r = RedisServer::start();
+    let pki = Pki::new();
+    let p = Proxy::start_config(
+        &tls_conf(&pki, ""),
+        &[
+            "--upstream",
+            &r.url(),
+            "--set",
+            "limits.max_output_bytes=1048576",
+        ],
+        &[],
+    );
+    let port = tls_port(&p);
+    redis::cmd("SET")
+        .arg("big")
+        .arg(vec![b'x'; 512 * 1024])
+        .query::<()>(&mut p.conn())
+        .unwrap();
+    // Ask for 400 MB of replies over TLS and never read them.
+    let mut s = tls_raw(&pki, port, "localhost", "ca.pem", None).unwrap();
+    s.sock
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let get = cmd_bytes(&[b"GET", b"big"]);
+    for _ in 0..800 {
+        if s.write_all(&get).and_then(|_| s.flush()).is_err() {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p
+        .metrics()
+        .contains("respite_errors_total{kind=\"output_overflow\"}")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "TLS slow reader never disconnected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Other clients, plain and TLS, are fine.
+    assert_eq!(
+        redis::cmd("PING").query::<String>(&mut p.conn()).unwrap(),
+        "PONG"
+    );
+    let mut ok = tls_raw(&pki, port, "localhost", "ca.pem", None).unwrap();
+    assert_eq!(cmd(&mut ok, &["PING"]), "+PONG");
+}
