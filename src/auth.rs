@@ -221,6 +221,11 @@ impl ClientAuth {
                 };
             }
             Class::Local(Local::Quit) => return Verdict::Allow,
+            // As in Redis: RESET returns to the default, unauthenticated state.
+            Class::Local(Local::Reset) => {
+                self.user = None;
+                return Verdict::Allow;
+            }
             _ => {}
         }
         let Some(user) = self.user.clone() else {
@@ -436,5 +441,7 @@ mod tests {
         assert!(run(&mut a, &r, "PROXY CONFIG SET log.level info").starts_with("-NOPERM"));
         assert_eq!(run(&mut a, &r, "PROXY INFO"), "allow");
         assert!(run(&mut a, &r, "EVAL x 1 other").starts_with("-NOPERM"));
+        assert_eq!(run(&mut a, &r, "RESET"), "allow");
+        assert!(run(&mut a, &r, "GET app:1").starts_with("-NOAUTH"));
     }
 }
