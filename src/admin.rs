@@ -27,6 +27,8 @@ const HELP: &[&str] = &[
     "    Change a runtime-reloadable key.",
     "CONFIG RELOAD",
     "    Re-read the configuration file (as SIGHUP does).",
+    "SECURITY",
+    "    TLS, AUTH and upstream security status, with recommendations (admin).",
     "HELP",
     "    This help.",
 ];
@@ -51,6 +53,14 @@ pub fn proxy_info(sh: &Shared) -> String {
         sh.started.elapsed().as_secs()
     );
     let _ = write!(s, "proxy_listen:{}\r\n", sh.listen_addr);
+    if let Some(t) = sh.tls_addr {
+        let _ = write!(s, "proxy_tls_listen:{t}\r\n");
+    }
+    let _ = write!(
+        s,
+        "proxy_auth:{}\r\n",
+        if sh.auth.enabled() { "required" } else { "off" }
+    );
     let _ = write!(s, "proxy_connected_clients:{}\r\n", sh.clients.len());
     let _ = write!(
         s,
@@ -288,6 +298,7 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
             lines_reply(out, &text, resp3);
         }
         (b"CONFIG", _) => config_command(sh, args, resp3, out),
+        (b"SECURITY", 2) => lines_reply(out, &crate::check::report(sh), resp3),
         (b"L1", 3) => {
             let sub = args[2].to_ascii_uppercase();
             match (&sub[..], &sh.l1) {

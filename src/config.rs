@@ -20,6 +20,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub ai: crate::ai::AiConfig,
+    /// Proxy users (`[[users]]`); when any exists, clients must AUTH.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserConfig>,
     #[serde(skip)]
     pub meta: Meta,
 }
@@ -46,6 +49,76 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Worker threads; 0 = one per CPU core, 1 = a single-threaded runtime.
     pub threads: usize,
+    /// A client that started a request must complete it (or keep sending at
+    /// least 16 KiB per period) within this many ms; 0 disables.
+    pub header_timeout_ms: u64,
+    pub tls: ServerTlsConfig,
+}
+
+/// `[server.tls]`: a second listener that terminates TLS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    /// Empty: no TLS listener.
+    pub listen: String,
+    pub cert_file: String,
+    pub key_file: String,
+    /// Non-empty: clients must present a certificate signed by this CA.
+    pub client_ca_file: String,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ServerTlsConfig {
+    fn default() -> Self {
+        ServerTlsConfig {
+            listen: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[upstream.tls]`: how respite verifies (and authenticates to) a
+/// `rediss://` upstream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// CA bundle to verify the upstream with; empty = the system's roots.
+    pub ca_file: String,
+    /// Client certificate and key for mTLS (both or neither).
+    pub cert_file: String,
+    pub key_file: String,
+    /// Name to send as SNI and verify the certificate against; empty = host.
+    pub server_name: String,
+    /// Accept any certificate. For tests only: logs a loud warning.
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Readwrite,
+    Readonly,
+}
+
+/// One `[[users]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Hex SHA-256 of the password (like Redis ACL `#<hash>`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password_sha256: String,
+    /// Plain-text password: accepted, flagged by `respite check`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password: String,
+    pub role: Role,
+    /// When non-empty, every key of every command must start with one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_prefixes: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +129,8 @@ impl Default for ServerConfig {
             max_clients: 10_000,
             idle_timeout_ms: 0,
             shutdown_grace_ms: 10_000,
+            header_timeout_ms: 30_000,
+            tls: ServerTlsConfig::default(),
         }
     }
 }
@@ -83,6 +158,13 @@ pub struct UpstreamConfig {
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     pub fallback: Fallback,
+    /// ACL user for upstream AUTH (the URL's user wins).
+    pub user: String,
+    /// Upstream AUTH password (the URL's password wins). Secret: masked.
+    pub password: String,
+    /// File holding the upstream password (first line), when `password` is empty.
+    pub password_file: String,
+    pub tls: UpstreamTlsConfig,
 }
 
 impl Default for UpstreamConfig {
@@ -95,6 +177,10 @@ impl Default for UpstreamConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 5000,
             fallback: Fallback::None,
+            user: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -216,6 +302,8 @@ impl Default for LogConfig {
 /// Sections that may appear in `RESPITE_<SECTION>_<KEY>`, longest first so
 /// `RESPITE_UPSTREAM_TLS_CA_FILE` is not read as upstream.tls_ca_file.
 const ENV_SECTIONS: &[&str] = &[
+    "upstream_tls",
+    "server_tls",
     "compression",
     "upstream",
     "metrics",
@@ -344,7 +432,11 @@ impl Config {
             else {
                 return Err(format!("environment variable {k}: unknown section"));
             };
-            let key = format!("{section}.{}", &rest[section.len() + 1..]);
+            let key = format!(
+                "{}.{}",
+                section.replace('_', "."),
+                &rest[section.len() + 1..]
+            );
             explicit |= key == "upstream.url";
             set_path(&mut table, &key, &v).map_err(|e| format!("environment variable {k}: {e}"))?;
         }
@@ -398,12 +490,86 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level '{}': {e}", self.log.level))?;
-        Ok(())
+        self.validate_security()
+    }
+
+    /// Users, credentials and TLS material: every file is read and every
+    /// certificate and key parsed, so a bad one fails at start-up, on reload
+    /// and in `respite check`, never at the first client.
+    fn validate_security(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() {
+                return Err("users: a user has an empty name".into());
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(format!("users: '{}' is defined twice", u.name));
+            }
+            match (u.password.is_empty(), u.password_sha256.is_empty()) {
+                (true, true) => {
+                    return Err(format!(
+                        "users.{}: needs password_sha256 (or password)",
+                        u.name
+                    ));
+                }
+                (false, false) => {
+                    return Err(format!(
+                        "users.{}: give password_sha256 or password, not both",
+                        u.name
+                    ));
+                }
+                _ => {}
+            }
+            if !u.password_sha256.is_empty()
+                && (u.password_sha256.len() != 64
+                    || !u.password_sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(format!(
+                    "users.{}: password_sha256 must be 64 hex digits",
+                    u.name
+                ));
+            }
+        }
+        if !self.upstream.password_file.is_empty() {
+            read_secret_file(&self.upstream.password_file)?;
+        }
+        crate::tls::validate(self)
+    }
+
+    /// Upstream user and password: from the URL, else `upstream.user`,
+    /// `upstream.password` (or env), else `upstream.password_file`.
+    pub fn upstream_credentials(&self) -> Result<(Option<String>, Option<String>), String> {
+        let u = self.upstream_url()?;
+        if u.password.is_some() {
+            return Ok((u.user, u.password));
+        }
+        let user = u
+            .user
+            .or_else(|| (!self.upstream.user.is_empty()).then(|| self.upstream.user.clone()));
+        let password = if !self.upstream.password.is_empty() {
+            Some(self.upstream.password.clone())
+        } else if !self.upstream.password_file.is_empty() {
+            Some(read_secret_file(&self.upstream.password_file)?)
+        } else {
+            None
+        };
+        Ok((user, password))
     }
 
     /// The configuration as TOML, with secrets masked.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
+        if !c.upstream.password.is_empty() {
+            c.upstream.password = "***".into();
+        }
+        for u in &mut c.users {
+            if !u.password.is_empty() {
+                u.password = "***".into();
+            }
+            if !u.password_sha256.is_empty() {
+                u.password_sha256 = "***".into();
+            }
+        }
         if let Ok(u) = self.upstream_url()
             && (u.password.is_some() || u.user.is_some())
         {
@@ -419,6 +585,13 @@ impl Config {
         flatten("", &toml::Value::Table(v), &mut out);
         out
     }
+}
+
+/// The first line of a secret file, without its line ending.
+pub fn read_secret_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read password file {path}: {e}"))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
@@ -582,5 +755,61 @@ mod tests {
         let flat = c.flat();
         assert!(flat.iter().all(|(_, v)| !v.contains("hunter2")), "{flat:?}");
         assert!(!c.redacted_toml().contains("hunter2"));
+        let c = load(
+            "[upstream]\npassword = 'hunter2'\n[[users]]\nname = 'a'\npassword = 'hunter2'\nrole = 'admin'\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(!c.redacted_toml().contains("hunter2"));
+        assert!(c.flat().iter().all(|(_, v)| !v.contains("hunter2")));
+        assert_eq!(
+            c.upstream_credentials().unwrap(),
+            (None, Some("hunter2".to_string()))
+        );
+    }
+
+    #[test]
+    fn users_and_env_sections() {
+        let c = load(
+            "[[users]]\nname = 'ro'\npassword_sha256 = '5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8'\nrole = 'readonly'\nkey_prefixes = ['app:']\n",
+            &[
+                ("RESPITE_UPSTREAM_URL", "rediss://10.0.0.1:6379"),
+                ("RESPITE_UPSTREAM_TLS_SERVER_NAME", "redis.internal"),
+                ("RESPITE_UPSTREAM_PASSWORD", "pw"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.users[0].role, Role::Readonly);
+        assert_eq!(c.upstream.tls.server_name, "redis.internal");
+        assert_eq!(c.upstream.password, "pw");
+        assert!(load("[[users]]\nname = 'x'\nrole = 'admin'\n", &[], &[]).is_err());
+        assert!(
+            load(
+                "[[users]]\nname = 'x'\npassword_sha256 = 'zz'\nrole = 'admin'\n",
+                &[],
+                &[]
+            )
+            .is_err()
+        );
+        assert!(
+            load(
+                "[[users]]\nname = 'x'\npassword = 'p'\nrole = 'root'\n",
+                &[],
+                &[]
+            )
+            .is_err()
+        );
+        assert!(
+            load(
+                "[[users]]\nname = 'x'\npassword = 'p'\nrole = 'admin'\nextra = 1\n",
+                &[],
+                &[]
+            )
+            .is_err()
+        );
+        assert!(load("", &[], &["server.tls.listen=127.0.0.1:0"]).is_err());
+        assert!(load("", &[], &["upstream.password_file=/nonexistent/pw"]).is_err());
     }
 }

@@ -7,12 +7,15 @@
 //! - [`command`]: the command table generated from Redis' `COMMAND` and classification.
 //! - [`upstream`]: multiplexed, pipelined shared connections; dedicated connections.
 //! - [`local`]: in-process store for a first run without Redis.
+//! - [`auth`]: proxy users: AUTH, roles, key prefixes (the session's gate).
+//! - [`tls`]: TLS termination for clients and TLS to the upstream (rustls, ring).
 //! - [`admin`]: `PROXY ...` commands and the INFO section.
 //! - [`config`], [`metrics`], [`logging`]: configuration, Prometheus metrics, logs.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod ai;
+pub mod auth;
 pub mod cache;
 pub mod check;
 pub mod command;
@@ -24,4 +27,5 @@ pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod upstream;

@@ -69,6 +69,7 @@ fn quote(s: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    respite::tls::init();
     let cli = Cli::parse();
     let (check, args) = match cli.cmd {
         Some(Cmd::Check(a)) => (true, a),

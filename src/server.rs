@@ -26,6 +26,7 @@ pub enum Backend {
 pub struct Runtime {
     pub max_clients: AtomicUsize,
     pub idle_timeout_ms: AtomicU64,
+    pub header_timeout_ms: AtomicU64,
     pub max_bulk_bytes: AtomicUsize,
     pub max_multibulk_len: AtomicUsize,
     pub max_inline_bytes: AtomicUsize,
@@ -39,6 +40,8 @@ impl Runtime {
             .store(c.server.max_clients, Ordering::Relaxed);
         self.idle_timeout_ms
             .store(c.server.idle_timeout_ms, Ordering::Relaxed);
+        self.header_timeout_ms
+            .store(c.server.header_timeout_ms, Ordering::Relaxed);
         self.max_bulk_bytes
             .store(c.limits.max_bulk_bytes, Ordering::Relaxed);
         self.max_multibulk_len
@@ -88,6 +91,11 @@ pub struct Shared {
     /// Cancelled when the listener stops accepting (drain phase).
     pub draining: CancellationToken,
     pub listen_addr: SocketAddr,
+    /// The TLS listener's address and its (reloadable) acceptor.
+    pub tls_addr: Option<SocketAddr>,
+    pub tls: Option<Arc<crate::tls::Acceptor>>,
+    /// Proxy users; when any exists clients must AUTH.
+    pub auth: crate::auth::Registry,
 }
 
 impl Shared {
@@ -125,7 +133,19 @@ impl Shared {
             old.metrics.listen.clone(),
             new.metrics.listen.clone(),
         );
+        diff(
+            "server.tls.listen",
+            old.server.tls.listen.clone(),
+            new.server.tls.listen.clone(),
+        );
         self.rt.apply(&new);
+        // New handshakes use the new certificates; open connections keep theirs.
+        if let Some(acc) = &self.tls
+            && let Err(e) = acc.reload(&new.server.tls)
+        {
+            tracing::error!(error = %e, "TLS certificates not reloaded; the previous ones stay in use");
+        }
+        self.auth.apply(&new);
         if let Backend::Upstream(u) = &self.backend {
             u.set_timeout_ms(new.upstream.timeout_ms);
         }
@@ -139,6 +159,7 @@ impl Shared {
 pub const RELOADABLE: &[&str] = &[
     "server.max_clients",
     "server.idle_timeout_ms",
+    "server.header_timeout_ms",
     "server.shutdown_grace_ms",
     "upstream.timeout_ms",
     "limits.max_bulk_bytes",
@@ -194,6 +215,7 @@ pub struct Running {
 
 /// Binds the listeners and starts serving. Returns once ready.
 pub async fn start(cfg: Config) -> Result<Running, String> {
+    crate::tls::init();
     let shutdown = CancellationToken::new();
     // The recorder must exist before Metrics registers its handles, or they
     // would be no-ops.
@@ -207,6 +229,16 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (tls_listener, tls) = if cfg.server.tls.listen.is_empty() {
+        (None, None)
+    } else {
+        let acc = Arc::new(crate::tls::Acceptor::new(&cfg.server.tls)?);
+        let l = TcpListener::bind(&cfg.server.tls.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (TLS): {e}", cfg.server.tls.listen))?;
+        (Some(l), Some(acc))
+    };
+    let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
     let l1 = L1::new(&cfg.l1);
     let backend = choose_backend(&cfg, metrics.clone(), shutdown.clone(), l1.clone()).await?;
     // The in-process store needs no near cache in front of it.
@@ -243,6 +275,14 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     }
     let rt = Runtime::default();
     rt.apply(&cfg);
+    let auth = crate::auth::Registry::new(&cfg);
+    if !auth.enabled()
+        && (!is_loopback(&cfg.server.listen) || tls_addr.is_some_and(|a| !a.ip().is_loopback()))
+    {
+        tracing::warn!(
+            "no [[users]] configured: any client that reaches the listener can run every command"
+        );
+    }
     let shared = Arc::new(Shared {
         config: RwLock::new(Arc::new(cfg)),
         rt,
@@ -255,6 +295,9 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         shutdown: shutdown.clone(),
         draining: CancellationToken::new(),
         listen_addr: addr,
+        tls_addr,
+        tls,
+        auth,
     });
     if let Backend::Local(store) = &shared.backend {
         let store = store.clone();
@@ -266,8 +309,18 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
             }
         });
     }
-    let done = tokio::spawn(accept_loop(listener, shared.clone()));
-    tracing::info!(listen = %addr, metrics = ?metrics_addr, "respite ready");
+    let plain = tokio::spawn(accept_loop(listener, shared.clone(), false));
+    let done = match tls_listener {
+        Some(l) => {
+            let t = tokio::spawn(accept_loop(l, shared.clone(), true));
+            tokio::spawn(async move {
+                let _ = plain.await;
+                let _ = t.await;
+            })
+        }
+        None => plain,
+    };
+    tracing::info!(listen = %addr, tls_listen = ?tls_addr, metrics = ?metrics_addr, "respite ready");
     Ok(Running {
         shared,
         addr,
@@ -276,7 +329,13 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false)
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: bool) {
     loop {
         let (sock, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -316,12 +375,72 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         shared.clients.insert(id, entry.clone());
         shared.metrics.client_connected();
         let sh = shared.clone();
+        let acceptor = if tls {
+            sh.tls.as_ref().map(|a| a.current())
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let (rd, wr) = sock.into_split();
-            crate::session::run(rd, wr, sh.clone(), entry).await;
+            match acceptor {
+                None => {
+                    let (rd, wr) = sock.into_split();
+                    crate::session::run(rd, wr, sh.clone(), entry).await;
+                }
+                Some(acc) => tls_session(sock, peer, acc, sh.clone(), entry).await,
+            }
             sh.clients.remove(&id);
             sh.metrics.client_disconnected();
         });
+    }
+}
+
+/// Handshake (bounded by `server.tls.handshake_timeout_ms`), then a session.
+/// A stalled or garbage handshake costs one task for at most that long, and
+/// counts against max_clients meanwhile. A client speaking plain RESP to the
+/// TLS port gets a readable error instead of a TLS alert.
+async fn tls_session(
+    mut sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acc: tokio_rustls::TlsAcceptor,
+    sh: Arc<Shared>,
+    entry: Arc<ClientEntry>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let limit = Duration::from_millis(sh.config().server.tls.handshake_timeout_ms.max(1));
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut first = [0u8; 1];
+    // 0x16: a TLS handshake record.
+    if let Ok(Ok(1)) = tokio::time::timeout_at(deadline, sock.peek(&mut first)).await
+        && first[0] != 0x16
+    {
+        sh.metrics.error("tls_plaintext");
+        tracing::info!(client = %peer, "plaintext client on the TLS port");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sock.write_all(
+                b"-ERR this port speaks TLS: connect with TLS (e.g. redis-cli --tls)\r\n",
+            ),
+        )
+        .await;
+        return;
+    }
+    let hs = tokio::select! {
+        r = tokio::time::timeout_at(deadline, acc.accept(sock)) => r,
+        _ = sh.shutdown.cancelled() => return,
+    };
+    match hs {
+        Ok(Ok(stream)) => {
+            let (rd, wr) = tokio::io::split(stream);
+            crate::session::run(rd, wr, sh, entry).await;
+        }
+        Ok(Err(e)) => {
+            sh.metrics.error("tls_handshake");
+            tracing::info!(client = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            sh.metrics.error("tls_handshake_timeout");
+            tracing::info!(client = %peer, "TLS handshake timed out");
+        }
     }
 }
 

@@ -118,6 +118,8 @@ pub struct Session<W> {
     /// The client can no longer be written to.
     broken: bool,
     quit: bool,
+    /// Who this client authenticated as (see `auth_gate`, src/auth.rs).
+    auth: crate::auth::ClientAuth,
 }
 
 enum Flow {
@@ -144,7 +146,9 @@ where
         Backend::Upstream(u) => u.url.db,
         Backend::Local(_) => 0,
     };
+    let auth = crate::auth::ClientAuth::new(&entry.addr);
     let mut s = Session {
+        auth,
         id: entry.id,
         shared: shared.clone(),
         entry,
@@ -168,12 +172,20 @@ where
     let mut overflow_signal = std::pin::pin!(overflow.cancelled());
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut need = 0usize;
+    // Slowloris guard: a started request must complete, or keep arriving
+    // at 16 KiB or more per period, within server.header_timeout_ms.
+    let mut partial: Option<(tokio::time::Instant, usize)> = None;
     let flow = loop {
         if buf.len() >= need.max(1) {
             need = 0;
+            let before = buf.len();
             match s.process(&mut buf, &mut need).await {
                 Flow::Continue => {}
                 other => break other,
+            }
+            if buf.len() < before {
+                // A request completed: the guard starts over for the next one.
+                partial = None;
             }
         }
         s.emit_ready().await;
@@ -187,6 +199,20 @@ where
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
+        let header_ms = shared.rt.header_timeout_ms.load(Ordering::Relaxed);
+        partial = match partial {
+            _ if buf.is_empty() || header_ms == 0 => None,
+            None => Some((
+                tokio::time::Instant::now() + Duration::from_millis(header_ms),
+                buf.len(),
+            )),
+            Some((_, mark)) if buf.len() >= mark + 16 * 1024 => Some((
+                tokio::time::Instant::now() + Duration::from_millis(header_ms),
+                buf.len(),
+            )),
+            keep => keep,
+        };
+        let header_deadline = partial.map(|(d, _)| d);
         let idle = if s.queue.is_empty() {
             shared.rt.idle_timeout()
         } else {
@@ -220,6 +246,12 @@ where
                     let item = s.queue.pop_front().expect("head exists");
                     s.emit(item, Some(r.unwrap_or(Err(UpError::Lost)))).await;
                 }
+            }
+            _ = async { tokio::time::sleep_until(header_deadline.unwrap()).await }, if header_deadline.is_some() => {
+                s.shared.metrics.error("header_timeout");
+                tracing::debug!(client = s.id, "request not completed within server.header_timeout_ms; closing");
+                s.reply(resp::error_bytes("ERR request not completed within server.header_timeout_ms")).await;
+                break Flow::Stop;
             }
             r = read, if reading => match r {
                 Ok(Some(0)) | Err(_) => break Flow::Stop,
@@ -299,6 +331,18 @@ where
                 let id = command::lookup(&view);
                 (id, Some(command::classify(&view, id)))
             };
+            // Auth gate (src/auth.rs): only when [[users]] are configured.
+            if self.shared.auth.enabled()
+                && let Some((reply, delay)) =
+                    self.auth_gate(&chunk[*start..*start + p.len], p, id, class)
+            {
+                self.flush_run(&chunk, &mut run).await;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                self.reply(reply).await;
+                continue;
+            }
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
             if let (Some(l1), false) = (&l1, p.inline) {
                 let view = command::RawArgs {
@@ -426,6 +470,39 @@ where
         Flow::Continue
     }
 
+    /// Authentication and authorization of one command; `Some` is the
+    /// reply that replaces it.
+    fn auth_gate(
+        &mut self,
+        raw: &[u8],
+        p: &resp::ParsedRange,
+        id: Option<usize>,
+        class: Option<Class>,
+    ) -> Option<(Bytes, Duration)> {
+        use crate::auth::Verdict;
+        let v = if p.inline {
+            let args: Vec<Bytes> = p
+                .args
+                .iter()
+                .map(|r| resp::inline_arg(&raw[r.clone()]))
+                .collect();
+            let id = command::lookup(&args);
+            let class = command::classify(&args, id);
+            self.auth.check(&self.shared.auth, &args, id, class)
+        } else {
+            let view = command::RawArgs {
+                buf: raw,
+                ranges: &p.args,
+            };
+            let class = class.unwrap_or(Class::Pass);
+            self.auth.check(&self.shared.auth, &view, id, class)
+        };
+        match v {
+            Verdict::Allow => None,
+            Verdict::Reply { reply, delay } => Some((reply, delay)),
+        }
+    }
+
     fn is_local(&self) -> bool {
         matches!(self.shared.backend, Backend::Local(_))
     }
@@ -475,10 +552,23 @@ where
         if self.broken {
             return;
         }
-        if self.wr.write_all(data).await.is_err() {
-            self.broken = true;
-        } else {
-            self.shared.metrics.bytes(0, data.len());
+        // A client that stops reading blocks this write; replies still
+        // arriving for it count against limits.max_output_bytes, and passing
+        // that ends the write (and the session) instead of waiting forever.
+        let overflow = self.out.overflow.clone();
+        tokio::select! {
+            r = self.wr.write_all(data) => {
+                if r.is_err() {
+                    self.broken = true;
+                } else {
+                    self.shared.metrics.bytes(0, data.len());
+                }
+            }
+            _ = overflow.cancelled() => {
+                tracing::warn!(client = self.id, "client output buffer over limits.max_output_bytes; disconnecting");
+                self.shared.metrics.error("output_overflow");
+                self.broken = true;
+            }
         }
     }
 
@@ -1054,7 +1144,16 @@ where
         while i < args.len() {
             let opt = args[i].to_ascii_uppercase();
             let more = args.len() - i - 1;
-            if opt == b"AUTH" && more >= 2 {
+            if opt == b"AUTH" && more >= 2 && self.shared.auth.enabled() {
+                // Proxy users: the gate has authenticated this already;
+                // proxy credentials never go upstream.
+                i += 3;
+                continue;
+            } else if opt == b"SETNAME" && more >= 1 && self.shared.auth.enabled() {
+                // Not forwarded either: the HELLO carries proxy credentials.
+                i += 2;
+                continue;
+            } else if opt == b"AUTH" && more >= 2 {
                 if self.is_local() {
                     resp::error(
                         out,

@@ -192,6 +192,7 @@ pub const TRACKING_REFUSED: &str = "tracking refused";
 /// and the server's version.
 pub async fn open_stream(
     url: &UpstreamUrl,
+    tls: Option<&crate::tls::Upstream>,
     hs: &Handshake,
     connect_timeout: Duration,
 ) -> Result<(UpStream, String), String> {
@@ -200,15 +201,24 @@ pub async fn open_stream(
             .await
             .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
         tcp.set_nodelay(true).ok();
-        if url.tls {
-            return Err(
-                "rediss:// (TLS to the upstream) is not supported by this build yet".to_string(),
-            );
-        }
-        let (r, w) = tcp.into_split();
-        let mut s = UpStream {
-            r: Box::new(r),
-            w: Box::new(w),
+        let mut s = if url.tls {
+            let t = tls.ok_or("rediss:// without a TLS configuration")?;
+            let stream = t
+                .connector
+                .connect(t.name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {}:{}: {e}", url.host, url.port))?;
+            let (r, w) = tokio::io::split(stream);
+            UpStream {
+                r: Box::new(r),
+                w: Box::new(w),
+            }
+        } else {
+            let (r, w) = tcp.into_split();
+            UpStream {
+                r: Box::new(r),
+                w: Box::new(w),
+            }
         };
         let version = handshake(&mut s, hs).await?;
         Ok((s, version))
@@ -613,7 +623,9 @@ struct Pool {
 /// All upstream access: the shared pools (RESP2 and RESP3, the latter
 /// started on first use) and dedicated connections for pinned sessions.
 pub struct Upstream {
+    /// The address, with the credentials in force (URL or config).
     pub url: UpstreamUrl,
+    tls: Option<crate::tls::Upstream>,
     /// RESP2, RESP3, and the tracking connections that carry L1 fills.
     pools: [Pool; 3],
     l1: Option<Arc<crate::cache::L1>>,
@@ -634,7 +646,14 @@ impl Upstream {
         shutdown: CancellationToken,
         l1: Option<Arc<crate::cache::L1>>,
     ) -> Result<Arc<Self>, String> {
-        let url = cfg.upstream_url()?;
+        let mut url = cfg.upstream_url()?;
+        (url.user, url.password) = cfg.upstream_credentials()?;
+        let tls = if url.tls {
+            crate::tls::init();
+            Some(crate::tls::Upstream::new(cfg, &url.host)?)
+        } else {
+            None
+        };
         let mk = || Pool {
             slots: (0..cfg.upstream.pool_size)
                 .map(|_| Slot {
@@ -645,6 +664,7 @@ impl Upstream {
         };
         let up = Arc::new(Upstream {
             url,
+            tls,
             pools: [mk(), mk(), mk()],
             l1: l1.clone(),
             tracking_up: AtomicUsize::new(0),
@@ -713,7 +733,7 @@ impl Upstream {
             }
             let mut hs = self.handshake(kind != POOL_RESP2);
             hs.tracking = l1.as_ref().is_some_and(|l| l.tracks());
-            match open_stream(&self.url, &hs, self.connect_timeout).await {
+            match open_stream(&self.url, self.tls.as_ref(), &hs, self.connect_timeout).await {
                 Ok((stream, version)) => {
                     *self.health.version.lock().unwrap() = version;
                     delay = self.backoff.0;
@@ -852,10 +872,15 @@ impl Upstream {
     }
 
     pub async fn dedicated_stream(&self, resp3: bool) -> Result<UpStream, UpError> {
-        open_stream(&self.url, &self.handshake(resp3), self.connect_timeout)
-            .await
-            .map(|(s, _)| s)
-            .map_err(UpError::Unavailable)
+        open_stream(
+            &self.url,
+            self.tls.as_ref(),
+            &self.handshake(resp3),
+            self.connect_timeout,
+        )
+        .await
+        .map(|(s, _)| s)
+        .map_err(UpError::Unavailable)
     }
 
     /// Waits until at least one shared connection is up, or `within` passes.

@@ -35,6 +35,8 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
 
 pub struct RedisServer {
     pub port: u16,
+    /// The TLS port (0 without TLS).
+    pub tls_port: u16,
     child: Child,
     dir: PathBuf,
 }
@@ -74,7 +76,12 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
         wait_for_port(port, &mut child, "redis-server");
-        let s = RedisServer { port, child, dir };
+        let s = RedisServer {
+            port,
+            tls_port: 0,
+            child,
+            dir,
+        };
         // Listening is not ready: wait until it answers PING.
         let deadline = Instant::now() + TIMEOUT;
         loop {
@@ -95,6 +102,30 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        s
+    }
+
+    /// A redis-server that also listens with TLS (certificates of `pki`),
+    /// requiring client certificates when `mtls`. The plain port stays on
+    /// loopback for the harness' own checks.
+    pub fn start_tls(pki: &Pki, mtls: bool, extra: &[&str]) -> Self {
+        let tls_port = free_port();
+        let mut args: Vec<String> = vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            pki.path("upstream.pem"),
+            "--tls-key-file".into(),
+            pki.path("upstream.key"),
+            "--tls-ca-cert-file".into(),
+            pki.path("ca.pem"),
+            "--tls-auth-clients".into(),
+            if mtls { "yes" } else { "no" }.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let mut s = Self::start_on(free_port(), &refs);
+        s.tls_port = tls_port;
         s
     }
 
@@ -195,6 +226,20 @@ impl Proxy {
 
     pub fn conn(&self) -> redis::Connection {
         conn_to(self.port)
+    }
+
+    /// respite with a configuration file (written to a temp file) plus CLI
+    /// arguments and environment.
+    pub fn start_config(toml: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "respite-test-conf-{}-{}.toml",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::write(&path, toml).unwrap();
+        let mut a = vec!["-c".to_string(), path.to_string_lossy().into_owned()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        Self::start_env(&a, env)
     }
 
     pub fn client(&self) -> redis::Client {
@@ -332,4 +377,191 @@ pub fn cmd_bytes(args: &[&[u8]]) -> Vec<u8> {
         v.extend_from_slice(b"\r\n");
     }
     v
+}
+
+/// Certificates generated at test time: a CA, the proxy, the upstream and a
+/// client, plus a second CA and an expired proxy certificate. Files are PEM
+/// in `dir`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, date_time_ymd,
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "respite-pki-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = p.self_signed(&key).unwrap();
+            (cert.pem(), Issuer::new(p, key))
+        };
+        let (ca_pem, issuer) = ca("respite test CA");
+        let (other_pem, other_issuer) = ca("some other CA");
+        write("ca.pem", &ca_pem);
+        write("other-ca.pem", &other_pem);
+        let leaf =
+            |name: &str, sans: &[&str], client: bool, expired: bool, iss: &Issuer<'_, KeyPair>| {
+                let key = KeyPair::generate().unwrap();
+                let mut p =
+                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                        .unwrap();
+                p.distinguished_name.push(DnType::CommonName, name);
+                p.extended_key_usages = vec![if client {
+                    ExtendedKeyUsagePurpose::ClientAuth
+                } else {
+                    ExtendedKeyUsagePurpose::ServerAuth
+                }];
+                if expired {
+                    p.not_before = date_time_ymd(2020, 1, 1);
+                    p.not_after = date_time_ymd(2021, 1, 1);
+                }
+                let cert = p.signed_by(&key, iss).unwrap();
+                write(&format!("{name}.pem"), &cert.pem());
+                write(&format!("{name}.key"), &key.serialize_pem());
+            };
+        leaf("proxy", &["localhost"], false, false, &issuer);
+        leaf("proxy-expired", &["localhost"], false, true, &issuer);
+        leaf(
+            "upstream",
+            &["localhost", "127.0.0.1"],
+            false,
+            false,
+            &issuer,
+        );
+        // Redis uses its server certificate as its client one too.
+        leaf("client", &["client"], true, false, &issuer);
+        leaf("rogue-client", &["client"], true, false, &other_issuer);
+        // Private keys mode 600, as an operator would keep them.
+        for name in [
+            "proxy",
+            "proxy-expired",
+            "upstream",
+            "client",
+            "rogue-client",
+        ] {
+            use std::os::unix::fs::PermissionsExt;
+            let p = dir.join(format!("{name}.key"));
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(name)).unwrap()
+    }
+
+    /// A redis-rs client over TLS to `host:port`, trusting `ca`, with an
+    /// optional client certificate (`name` → name.pem / name.key).
+    pub fn redis_client(
+        &self,
+        host: &str,
+        port: u16,
+        ca: &str,
+        client: Option<&str>,
+    ) -> redis::Client {
+        respite::tls::init();
+        redis::Client::build_with_tls(
+            format!("rediss://{host}:{port}"),
+            redis::TlsCertificates {
+                client_tls: client.map(|c| redis::ClientTlsConfig {
+                    client_cert: self.read(&format!("{c}.pem")),
+                    client_key: self.read(&format!("{c}.key")),
+                }),
+                root_cert: Some(self.read(ca)),
+            },
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub type TlsStream = respite_rustls::StreamOwned<respite_rustls::ClientConnection, TcpStream>;
+use tokio_rustls::rustls as respite_rustls;
+
+/// A raw TLS socket (rustls, blocking) for exact-bytes tests. Returns the
+/// handshake error as text.
+pub fn tls_raw(
+    pki: &Pki,
+    port: u16,
+    name: &str,
+    ca: &str,
+    client: Option<&str>,
+) -> Result<TlsStream, String> {
+    use respite_rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    respite::tls::init();
+    let mut roots = respite_rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.path(ca)).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = respite_rustls::ClientConfig::builder().with_root_certificates(roots);
+    let cfg = match client {
+        Some(c) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(pki.path(&format!("{c}.pem")))
+                    .unwrap()
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_file(pki.path(&format!("{c}.key"))).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    sock.set_nodelay(true).unwrap();
+    let conn = respite_rustls::ClientConnection::new(
+        std::sync::Arc::new(cfg),
+        ServerName::try_from(name.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut s = respite_rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    // With TLS 1.3 a refused client certificate shows on the first read.
+    Ok(s)
+}
+
+/// Reads one reply line (up to CRLF) from any stream.
+pub fn read_line<S: Read>(s: &mut S) -> Result<String, String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&out))),
+            Ok(_) => {
+                out.push(b[0]);
+                if out.ends_with(b"\r\n") {
+                    return Ok(String::from_utf8_lossy(&out[..out.len() - 2]).into_owned());
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
