@@ -205,6 +205,22 @@ async fn choose_backend(
     )?))
 }
 
+/// A client listener with a deep accept queue: tokio's default backlog
+/// (1024) made bursts of connects wait for SYN retransmits (about 1 s each).
+fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(8192)
+}
+
 /// A running proxy (also used by tests that embed it).
 pub struct Running {
     pub shared: Arc<Shared>,
@@ -225,16 +241,14 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         crate::metrics::install_prometheus()
     };
     let metrics = Arc::new(Metrics::new());
-    let listener = TcpListener::bind(&cfg.server.listen)
-        .await
+    let listener = bind(&cfg.server.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (tls_listener, tls) = if cfg.server.tls.listen.is_empty() {
         (None, None)
     } else {
         let acc = Arc::new(crate::tls::Acceptor::new(&cfg.server.tls)?);
-        let l = TcpListener::bind(&cfg.server.tls.listen)
-            .await
+        let l = bind(&cfg.server.tls.listen)
             .map_err(|e| format!("cannot listen on {} (TLS): {e}", cfg.server.tls.listen))?;
         (Some(l), Some(acc))
     };
