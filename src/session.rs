@@ -234,24 +234,23 @@ where
                 _ => std::future::pending().await,
             }
         };
+        if s.out.over.load(Ordering::Relaxed) {
+            tracing::warn!(
+                client = s.id,
+                "client output buffer over limits.max_output_bytes; disconnecting"
+            );
+            s.shared.metrics.error("output_overflow");
+            break Flow::Stop;
+        }
+        // Biased, busiest first: polling the cancellation futures takes a
+        // lock each, so they are only reached when nothing else is ready.
         tokio::select! {
             biased;
-            _ = &mut overflow_signal => {
-                tracing::warn!(client = s.id, "client output buffer over limits.max_output_bytes; disconnecting");
-                s.shared.metrics.error("output_overflow");
-                break Flow::Stop;
-            }
             r = head => {
                 if let Some(r) = r {
                     let item = s.queue.pop_front().expect("head exists");
                     s.emit(item, Some(r.unwrap_or(Err(UpError::Lost)))).await;
                 }
-            }
-            _ = async { tokio::time::sleep_until(header_deadline.unwrap()).await }, if header_deadline.is_some() => {
-                s.shared.metrics.error("header_timeout");
-                tracing::debug!(client = s.id, "request not completed within server.header_timeout_ms; closing");
-                s.reply(resp::error_bytes("ERR request not completed within server.header_timeout_ms")).await;
-                break Flow::Stop;
             }
             r = read, if reading => match r {
                 Ok(Some(0)) | Err(_) => break Flow::Stop,
@@ -262,6 +261,17 @@ where
                     break Flow::Stop;
                 }
             },
+            _ = async { tokio::time::sleep_until(header_deadline.unwrap()).await }, if header_deadline.is_some() => {
+                s.shared.metrics.error("header_timeout");
+                tracing::debug!(client = s.id, "request not completed within server.header_timeout_ms; closing");
+                s.reply(resp::error_bytes("ERR request not completed within server.header_timeout_ms")).await;
+                break Flow::Stop;
+            }
+            _ = &mut overflow_signal => {
+                tracing::warn!(client = s.id, "client output buffer over limits.max_output_bytes; disconnecting");
+                s.shared.metrics.error("output_overflow");
+                break Flow::Stop;
+            }
             _ = &mut drain_signal => {
                 // Graceful shutdown: answer what was asked, then close.
                 break Flow::Stop;

@@ -77,6 +77,8 @@ pub type ReplyRx = oneshot::Receiver<Result<Reply, UpError>>;
 #[derive(Debug, Default)]
 pub struct OutBytes {
     pub pending: AtomicUsize,
+    /// Set with `overflow`; a plain flag is cheaper to check on every wake.
+    pub over: AtomicBool,
     pub overflow: CancellationToken,
     pub cap: AtomicUsize,
 }
@@ -85,6 +87,7 @@ impl OutBytes {
     pub fn add(&self, n: usize) {
         let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
         if now > self.cap.load(Ordering::Relaxed) {
+            self.over.store(true, Ordering::Relaxed);
             self.overflow.cancel();
         }
     }
