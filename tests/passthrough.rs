@@ -588,14 +588,7 @@ fn thousand_concurrent_clients() {
 fn redis_cli_session() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
-    let run = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &proxy.port.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| redis_cli(proxy.port, args);
     assert_eq!(run(&["SET", "cli", "v"]).trim(), "OK");
     assert_eq!(run(&["GET", "cli"]).trim(), "v");
     assert!(run(&["PROXY", "HELP"]).contains("CONFIG GET"));

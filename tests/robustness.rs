@@ -372,14 +372,7 @@ fn local_fallback_mode_serves_strings() {
 fn admin_commands_via_redis_cli() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &proxy.port.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| redis_cli(proxy.port, args);
     let info = cli(&["PROXY", "INFO"]);
     assert!(
         info.contains("proxy_version:") && info.contains("upstream_up:1"),

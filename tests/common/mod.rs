@@ -565,3 +565,13 @@ pub fn read_line<S: Read>(s: &mut S) -> Result<String, String> {
         }
     }
 }
+
+/// Runs redis-cli against a port and returns its stdout.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
