@@ -31,6 +31,8 @@ pub struct Runtime {
     pub max_inline_bytes: AtomicUsize,
     pub max_output_bytes: AtomicUsize,
     pub max_pipeline: AtomicUsize,
+    /// `compression.enabled` (read on the hot path).
+    pub compression: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -49,6 +51,8 @@ impl Runtime {
             .store(c.limits.max_output_bytes, Ordering::Relaxed);
         self.max_pipeline
             .store(c.limits.max_pipeline, Ordering::Relaxed);
+        self.compression
+            .store(c.compression.enabled, Ordering::Relaxed);
     }
 
     pub fn limits(&self) -> Limits {

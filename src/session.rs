@@ -17,6 +17,7 @@
 use crate::ai::{self, AiCommand};
 use crate::cache::{L1, Lookup};
 use crate::command::{self, Args, Class, Local};
+use crate::compress_cmd::{self as cz, Kind};
 use crate::resp::{self, Parse};
 use crate::server::{Backend, ClientEntry, Shared};
 use crate::upstream::{Conn, OutBytes, ReplyRx, UpError};
@@ -42,6 +43,8 @@ enum Post {
         token: u64,
         resp3: bool,
     },
+    /// Decode compressed values in the reply (src/compress_cmd.rs).
+    Decode(cz::Decode),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +134,8 @@ pub struct Session<W> {
     tx: mpsc::Sender<Out<W>>,
     link: Arc<Link>,
     quit: bool,
+    /// Commands queued in MULTI, for decoding the EXEC reply.
+    tx_queue: cz::Tx,
 }
 
 enum Flow {
@@ -176,6 +181,7 @@ where
         tx,
         link: link.clone(),
         quit: false,
+        tx_queue: cz::Tx::default(),
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut need = 0usize;
@@ -334,7 +340,11 @@ where
                     invalidate_writes(l1, &view, id);
                 }
             }
-            if class == Some(Class::Pass) && self.pinned.is_none() && !self.is_local() {
+            if class == Some(Class::Pass)
+                && self.pinned.is_none()
+                && !self.is_local()
+                && !self.compressing(id)
+            {
                 let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
                 r.2.push(id.unwrap_or(command::count()) as u16);
                 r.1 = *start + p.len;
@@ -414,6 +424,180 @@ where
     async fn flush_run(&mut self, chunk: &Bytes, run: &mut Run) {
         if let Some((s, e, ids)) = run.take() {
             self.forward(chunk.slice(s..e), ids, Post::None).await;
+        }
+    }
+
+    /// Whether compression handles command `id` (one table lookup).
+    #[inline]
+    fn compressing(&self, id: Option<usize>) -> bool {
+        cz::kind(id) != Kind::None
+            && self.shared.rt.compression.load(Ordering::Relaxed)
+            && !self.is_local()
+    }
+
+    /// Compression hook (see src/compress_cmd.rs). Returns false when the
+    /// command takes its normal path afterwards.
+    async fn compress_hook(&mut self, kind: Kind, idx: usize, args: &[Bytes], raw: &Bytes) -> bool {
+        if self.is_local() {
+            return false;
+        }
+        let cfg = self.shared.config();
+        let policy = cz::Policy {
+            codec: cfg.compression.codec(),
+            exclude: &cfg.compression.exclude,
+        };
+        let enabled = self.shared.rt.compression.load(Ordering::Relaxed);
+        let multi = self.tx_queue.multi;
+        let kind = if enabled { kind } else { Kind::None };
+        let kind = match kind {
+            Kind::Incr | Kind::HIncr if policy.codec.min_bytes > 20 => Kind::None,
+            k => k,
+        };
+        let ids = vec![idx as u16];
+        match kind {
+            Kind::Multi => {
+                self.tx_queue.multi = true;
+                return false;
+            }
+            Kind::Discard => {
+                self.tx_queue = cz::Tx::default();
+                return false;
+            }
+            Kind::Exec if multi => {
+                let q = std::mem::take(&mut self.tx_queue).queued;
+                if self.pin().await {
+                    self.forward(raw.clone(), ids, Post::Decode(cz::Decode::Exec(q)))
+                        .await;
+                }
+                return true;
+            }
+            Kind::Write(w) => {
+                let (new, decode) =
+                    cz::rewrite_write(w, args, &policy, &self.shared.metrics.compression);
+                let post = if multi {
+                    self.tx_queue.queued.push(decode);
+                    Post::None
+                } else {
+                    Post::Decode(decode)
+                };
+                let data = match new {
+                    Some(a) => {
+                        let mut b = BytesMut::new();
+                        resp::encode_command(&a, &mut b);
+                        b.freeze()
+                    }
+                    None => raw.clone(),
+                };
+                self.forward(data, ids, post).await;
+                return true;
+            }
+            Kind::Read(r) => {
+                let decode = cz::read_decode(r, args);
+                let post = if multi {
+                    self.tx_queue.queued.push(decode);
+                    Post::None
+                } else {
+                    Post::Decode(decode)
+                };
+                self.forward(raw.clone(), ids, post).await;
+                return true;
+            }
+            Kind::Bytes | Kind::HashBytes | Kind::Incr | Kind::HIncr if cz::arity_ok(idx, args) => {
+                let targets = cz::targets(kind, idx, args);
+                if !multi {
+                    self.link.wait_drained().await;
+                    let reply = self.emulate(&targets, &policy.codec, args, false).await;
+                    self.shared
+                        .metrics
+                        .command(idx, reply.first() == Some(&b'-'), None);
+                    self.reply(reply).await;
+                    return true;
+                }
+                // Queued: make the keys plain first, then queue the command.
+                let _ = self.emulate(&targets, &policy.codec, &[], true).await;
+            }
+            _ => {}
+        }
+        if multi {
+            let name = command::name(idx);
+            if name != "WATCH" && name != "MULTI" {
+                self.tx_queue.queued.push(cz::Decode::None);
+            }
+        }
+        false
+    }
+
+    /// Runs a byte-level command (or, with no `cmd`, just the rewrite of
+    /// compressed keys) through [`cz::SCRIPT`] until it ran on plain values.
+    async fn emulate(
+        &mut self,
+        targets: &[(Bytes, Option<Bytes>)],
+        codec: &crate::compress::Codec,
+        cmd: &[Bytes],
+        side: bool,
+    ) -> Bytes {
+        let mut expect = vec![None; targets.len()];
+        for _ in 0..32 {
+            let a = cz::script_args(targets, &expect, self.resp3, cmd);
+            let r = if side {
+                self.side_roundtrip(&a).await
+            } else {
+                let refs: Vec<&[u8]> = a.iter().map(|b| &b[..]).collect();
+                self.roundtrip(&refs).await
+            };
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => return resp::error_bytes(&e),
+            };
+            let Some(found) = cz::script_report(&r) else {
+                if expect.iter().any(Option::is_some) {
+                    self.shared
+                        .metrics
+                        .compression
+                        .emulated
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return r;
+            };
+            for (i, stored) in found {
+                match codec.decode(&stored) {
+                    Ok(d) => {
+                        if let Some(e) = expect.get_mut(i) {
+                            *e = Some((stored, d));
+                        }
+                    }
+                    Err(e) => {
+                        self.shared
+                            .metrics
+                            .compression
+                            .errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        return cz::corrupt_error(&e);
+                    }
+                }
+            }
+        }
+        resp::error_bytes("ERR respite: value kept changing concurrently, try again")
+    }
+
+    /// One command on a shared connection, even when this session is
+    /// pinned (inside MULTI its own connection would only queue it).
+    async fn side_roundtrip(&mut self, args: &[Bytes]) -> Result<Bytes, String> {
+        let Backend::Upstream(up) = &self.shared.backend else {
+            return Err("ERR no upstream".into());
+        };
+        let up = up.clone();
+        let conn = up
+            .shared(false, self.id as usize)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut b = BytesMut::new();
+        resp::encode_command(args, &mut b);
+        let rx = conn.send(b.freeze(), 1, None).map_err(|e| e.to_string())?;
+        match rx.await {
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(UpError::Lost.to_string()),
         }
     }
 
@@ -545,6 +729,11 @@ where
             self.reply(out.freeze()).await;
             return Flow::Continue;
         }
+        if (self.tx_queue.multi || self.compressing(id))
+            && self.compress_hook(cz::kind(id), idx, args, &raw).await
+        {
+            return Flow::Continue;
+        }
         match class {
             Class::Pass => self.forward(raw, ids, Post::None).await,
             Class::Pin => {
@@ -662,6 +851,7 @@ where
                     c.close();
                     self.entry.pinned.store(false, Ordering::Relaxed);
                 }
+                self.tx_queue = cz::Tx::default();
                 self.resp3 = false;
                 self.conn = None;
                 self.db = match &self.shared.backend {
@@ -980,6 +1170,20 @@ fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]
     let l1 = shared.l1.as_ref();
     match crate::cache::split_fill_reply(data) {
         Ok((pttl, frame)) => {
+            // L1 holds what clients see (decoded): a hit then costs a Bytes
+            // clone, where a compressed entry would cost an LZ4 decode per
+            // hit (measured ~10 us per 64 KiB, see benches/compress.rs);
+            // l1.max_bytes bounds the decoded size either way.
+            let frame = if shared.rt.compression.load(Ordering::Relaxed) {
+                cz::decode_reply(
+                    &cz::Decode::Bulk,
+                    frame,
+                    &shared.config().compression.codec(),
+                    &shared.metrics.compression,
+                )
+            } else {
+                frame
+            };
             let value = frame.first() == Some(&b'$') && !frame.starts_with(b"$-1");
             if let Some(l1) = l1 {
                 l1.complete(key, token, value.then_some(&frame), pttl);
@@ -1108,6 +1312,12 @@ where
                             Post::Fill { key, token, resp3 } => {
                                 fill_reply(&shared, &key, token, resp3, &reply.data)
                             }
+                            Post::Decode(d) => cz::decode_reply(
+                                &d,
+                                reply.data,
+                                &shared.config().compression.codec(),
+                                &metrics.compression,
+                            ),
                         };
                         if data.len() >= DIRECT {
                             flush!();
