@@ -34,7 +34,10 @@
 //!   again and the proxy retries. This gives Redis' exact answer for every
 //!   such command (it runs on the real bytes, in Redis) and stays atomic
 //!   against other clients without WATCH or a dedicated connection. Keys a
-//!   byte-level command touched stay uncompressed until rewritten.
+//!   byte-level command touched stay uncompressed until rewritten. A value
+//!   the command leaves beginning with the magic (APPEND, SETRANGE, BITOP …
+//!   can build one) is wrapped in a raw frame in the same step, so it reads
+//!   back as it is.
 //! * **INCR, INCRBY, DECR, DECRBY, HINCRBY** with `min_bytes` > 20 are
 //!   forwarded unchanged: a frame decodes to a value of at least `min_bytes`
 //!   bytes or one beginning with the magic, and Redis never reads either as an
@@ -70,6 +73,11 @@ pub enum Decode {
     Pairs,
     /// An EXEC reply: one action per queued command.
     Exec(Vec<Decode>),
+    /// The reply of [`SCRIPT`] queued in MULTI: a report (a key changed
+    /// between queueing and EXEC) becomes an error.
+    Script,
+    /// An EXEC element replaced by this reply (an error found at queue time).
+    Replace(Bytes),
 }
 
 /// What the session does with a command when compression is on.
@@ -309,7 +317,7 @@ pub fn rewrite_write(
             }
         }
         Write::Hset => {
-            if args.len() >= 4 && args.len() % 2 == 0 {
+            if args.len() >= 4 && args.len().is_multiple_of(2) {
                 positions.extend((3..args.len()).step_by(2).map(|v| (1, v)));
             }
         }
@@ -364,11 +372,14 @@ pub fn corrupt_error(e: &CompressError) -> Bytes {
 /// Decodes the value positions of one reply. The common case (no frame in
 /// the reply) returns the input without copying.
 pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> Bytes {
-    if *d == Decode::None || !contains_magic(&data) {
+    if *d == Decode::None
+        || (!matches!(d, Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))))
+            && !contains_magic(&data))
+    {
         return data;
     }
     let mut out = BytesMut::with_capacity(data.len() * 2);
-    match transform(&data, 0, d, codec, stats, &mut out, true) {
+    match transform(&data, 0, d, codec, stats, &mut out) {
         Ok(end) => {
             out.extend_from_slice(&data[end..]);
             out.freeze()
@@ -440,8 +451,8 @@ fn skip(buf: &[u8], pos: usize) -> Result<usize, Fail> {
 }
 
 /// Copies the frame at `pos` to `out`, decoding value positions per `d`.
-/// Inside an EXEC reply (`top` false) a corrupt value becomes an error
-/// element; at the top level it fails the whole reply.
+/// Inside an EXEC reply a corrupt value becomes an error element; elsewhere
+/// it fails the whole reply.
 fn transform(
     buf: &[u8],
     pos: usize,
@@ -449,10 +460,25 @@ fn transform(
     codec: &Codec,
     stats: &Stats,
     out: &mut BytesMut,
-    top: bool,
 ) -> Result<usize, Fail> {
     let t = *buf.get(pos).ok_or(Fail::Malformed)?;
     match d {
+        Decode::Script => {
+            let end = skip(buf, pos)?;
+            if script_report(&buf[pos..end]).is_some() {
+                out.extend_from_slice(&crate::resp::error_bytes(
+                    "ERR respite: a compressed value changed between MULTI and EXEC; run the transaction again",
+                ));
+            } else {
+                out.extend_from_slice(&buf[pos..end]);
+            }
+            Ok(end)
+        }
+        Decode::Replace(r) => {
+            let end = skip(buf, pos)?;
+            out.extend_from_slice(r);
+            Ok(end)
+        }
         Decode::None => {
             let end = skip(buf, pos)?;
             out.extend_from_slice(&buf[pos..end]);
@@ -518,7 +544,7 @@ fn transform(
                 let nested_exec = matches!(d, Decode::Exec(_));
                 if nested_exec {
                     let mark = out.len();
-                    match transform(buf, p, &sub, codec, stats, out, false) {
+                    match transform(buf, p, &sub, codec, stats, out) {
                         Ok(e) => p = e,
                         Err(Fail::Corrupt(e)) => {
                             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -529,7 +555,7 @@ fn transform(
                         Err(f) => return Err(f),
                     }
                 } else {
-                    p = transform(buf, p, &sub, codec, stats, out, top)?;
+                    p = transform(buf, p, &sub, codec, stats, out)?;
                 }
             }
             Ok(p)
@@ -554,13 +580,19 @@ pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<(Bytes, Option<Bytes>)
             vec![(args[1].clone(), Some(args[2].clone()))]
         }
         _ => {
-            let name = command::name(id);
             let pos = command::key_positions(args, Some(id));
-            pos.into_iter()
-                // BITOP's destination is overwritten, not read.
-                .filter(|&i| !(name == "BITOP" && i == 2))
-                .filter_map(|i| args.get(i).map(|a| (a.clone(), None)))
-                .collect()
+            // BITOP's destination is included: it is overwritten, and the
+            // script frames it if the result begins with the magic. Each key
+            // once, or the script would frame a value twice.
+            let mut out: Vec<(Bytes, Option<Bytes>)> = Vec::new();
+            for i in pos {
+                if let Some(a) = args.get(i)
+                    && !out.iter().any(|(k, _)| k == a)
+                {
+                    out.push((a.clone(), None));
+                }
+            }
+            out
         }
     }
 }
@@ -591,7 +623,7 @@ for i = 1, n do
   end
 end
 if #found > 0 then
-  table.insert(found, 1, '\254RESPITE-CAS')
+  table.insert(found, 1, '\254RSP-RESPITE-CAS')
   return found
 end
 for _, i in ipairs(sets) do
@@ -603,12 +635,43 @@ for _, i in ipairs(sets) do
   end
 end
 local first = 3 + n * 4
-if #ARGV < first then return 1 end
+if #ARGV < first then
+  -- Without a command: report only (probe).
+  return 1
+end
 if ARGV[1] == '3' then redis.setresp(3) end
-return redis.pcall(unpack(ARGV, first))
+local r = redis.pcall(unpack(ARGV, first))
+-- A value the command left beginning with the magic is stored in a raw
+-- frame, so that it reads back as it is.
+for i = 1, n do
+  local o = 2 + (i - 1) * 4
+  local v
+  if ARGV[o + 1] == 'h' then
+    v = redis.pcall('HGET', KEYS[i], ARGV[o + 2])
+  else
+    v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
+  end
+  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
+    if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+    local len = #v
+    local h = {'\254RSP\1\0'}
+    repeat
+      local b = len % 128
+      len = (len - b) / 128
+      if len > 0 then b = b + 128 end
+      table.insert(h, string.char(b))
+    until len == 0
+    if ARGV[o + 1] == 'h' then
+      redis.call('HSET', KEYS[i], ARGV[o + 2], table.concat(h) .. v)
+    else
+      redis.call('SET', KEYS[i], table.concat(h) .. v, 'KEEPTTL')
+    end
+  end
+end
+return r
 "#;
 
-const MARKER: &[u8] = b"\xFERESPITE-CAS";
+const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
 
 /// One attempt: the `EVAL` arguments.
 pub fn script_args(

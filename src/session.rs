@@ -513,8 +513,26 @@ where
                     self.reply(reply).await;
                     return true;
                 }
-                // Queued: make the keys plain first, then queue the command.
-                let _ = self.emulate(&targets, &policy.codec, &[], true).await;
+                // Queued: read the frames now (on a shared connection), and
+                // queue the script with them as expectations.
+                let expect = match self.probe(&targets, &policy.codec).await {
+                    Ok(e) => e,
+                    Err(reply) => {
+                        // Queued as Redis would; its EXEC element is the error.
+                        let a = cz::script_args(&targets, &[], self.resp3, args);
+                        let mut b = BytesMut::new();
+                        resp::encode_command(&a, &mut b);
+                        self.tx_queue.queued.push(cz::Decode::Replace(reply));
+                        self.forward(b.freeze(), ids, Post::None).await;
+                        return true;
+                    }
+                };
+                let a = cz::script_args(&targets, &expect, self.resp3, args);
+                let mut b = BytesMut::new();
+                resp::encode_command(&a, &mut b);
+                self.tx_queue.queued.push(cz::Decode::Script);
+                self.forward(b.freeze(), ids, Post::None).await;
+                return true;
             }
             _ => {}
         }
@@ -578,6 +596,31 @@ where
             }
         }
         resp::error_bytes("ERR respite: value kept changing concurrently, try again")
+    }
+
+    /// The frames `targets` hold now, decoded, as script expectations.
+    async fn probe(
+        &mut self,
+        targets: &[(Bytes, Option<Bytes>)],
+        codec: &crate::compress::Codec,
+    ) -> Result<Vec<Option<(Bytes, Bytes)>>, Bytes> {
+        let mut expect = vec![None; targets.len()];
+        let a = cz::script_args(targets, &[], false, &[]);
+        let r = self
+            .side_roundtrip(&a)
+            .await
+            .map_err(|e| resp::error_bytes(&e))?;
+        for (i, stored) in cz::script_report(&r).unwrap_or_default() {
+            match codec.decode(&stored) {
+                Ok(d) => {
+                    if let Some(e) = expect.get_mut(i) {
+                        *e = Some((stored, d));
+                    }
+                }
+                Err(e) => return Err(cz::corrupt_error(&e)),
+            }
+        }
+        Ok(expect)
     }
 
     /// One command on a shared connection, even when this session is
