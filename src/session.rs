@@ -418,6 +418,8 @@ where
     }
 
     async fn reply(&mut self, b: Bytes) {
+        // Owed to the client like an upstream reply (L1 hits can be large).
+        self.link.out.add(b.len());
         self.push(Out::Ready(b)).await;
     }
 
@@ -1307,12 +1309,14 @@ where
                 if b.len() >= DIRECT {
                     flush!();
                     if w.write_all(&b).await.is_err() {
+                        link.out.sub(b.len());
                         break;
                     }
                     metrics.bytes(0, b.len());
                 } else {
                     buf.extend_from_slice(&b);
                 }
+                link.out.sub(b.len());
             }
             Out::Failed { err, count } => {
                 metrics.error(err.kind());
@@ -1344,7 +1348,7 @@ where
                             let err = i < 64 && reply.errors & (1 << i) != 0;
                             metrics.command(*id as usize, err, Some(elapsed));
                         }
-                        let n = reply.data.len();
+                        let mut n = reply.data.len();
                         let data = match post {
                             Post::None => reply.data,
                             Post::Info => crate::admin::append_proxy_info(&reply.data, &shared),
@@ -1362,6 +1366,11 @@ where
                                 &metrics.compression,
                             ),
                         };
+                        if data.len() > n {
+                            // Decompressed: the client is owed more.
+                            link.out.add(data.len() - n);
+                            n = data.len();
+                        }
                         if data.len() >= DIRECT {
                             flush!();
                             if w.write_all(&data).await.is_err() {
