@@ -372,10 +372,13 @@ pub fn corrupt_error(e: &CompressError) -> Bytes {
 /// Decodes the value positions of one reply. The common case (no frame in
 /// the reply) returns the input without copying.
 pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> Bytes {
-    if *d == Decode::None
-        || (!matches!(d, Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))))
-            && !contains_magic(&data))
-    {
+    let skip = match d {
+        Decode::None => true,
+        Decode::Bulk => !bulk_may_be_framed(&data),
+        Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))) => false,
+        _ => !contains_magic(&data),
+    };
+    if skip {
         return data;
     }
     let mut out = BytesMut::with_capacity(data.len() * 2);
@@ -393,8 +396,25 @@ pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> By
 }
 
 fn contains_magic(data: &[u8]) -> bool {
-    data.windows(compress::MAGIC.len())
-        .any(|w| w == compress::MAGIC)
+    let mut i = 0;
+    while let Some(p) = data[i..].iter().position(|&b| b == compress::MAGIC[0]) {
+        if data[i + p..].starts_with(&compress::MAGIC) {
+            return true;
+        }
+        i += p + 1;
+    }
+    false
+}
+
+/// For a single bulk reply only its first payload bytes matter.
+fn bulk_may_be_framed(data: &[u8]) -> bool {
+    if data.first() != Some(&b'$') {
+        return false;
+    }
+    match data.iter().position(|&b| b == b'\n') {
+        Some(p) => data[p + 1..].starts_with(&compress::MAGIC),
+        None => false,
+    }
 }
 
 enum Fail {

@@ -774,7 +774,13 @@ where
             self.reply(out.freeze()).await;
             return Flow::Continue;
         }
-        if (self.tx_queue.multi || self.compressing(id))
+        // Commands the proxy answers itself never reach a MULTI queue.
+        let queued = self.tx_queue.multi
+            && !matches!(
+                class,
+                Class::Local(Local::Proxy | Local::Ai | Local::Quit | Local::Reset)
+            );
+        if (queued || self.compressing(id))
             && self.compress_hook(cz::kind(id), idx, args, &raw).await
         {
             return Flow::Continue;
