@@ -19,7 +19,7 @@ fn json_value(size: usize, seed: usize) -> Vec<u8> {
                 "{{\"id\":{i},\"user\":\"user{}\",\"score\":{},\"active\":{},\"tags\":[\"t{}\",\"t{}\"]}},",
                 i % 977,
                 (i * 31) % 1000,
-                i % 2 == 0,
+                i.is_multiple_of(2),
                 i % 13,
                 i % 7
             )
