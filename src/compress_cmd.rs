@@ -522,6 +522,7 @@ fn transform(
             }
             match codec.decode_slice(payload) {
                 Ok(v) => {
+                    out.reserve(v.len() + 24);
                     stats.decompressed.fetch_add(1, Ordering::Relaxed);
                     crate::resp::bulk(out, &v);
                     Ok(end)
