@@ -599,3 +599,44 @@ fn corrupt_and_forged_values_are_clear_errors() {
         "{m}"
     );
 }
+
+#[test]
+fn resp3_maps_and_pairs_are_decoded() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut r = proxy.raw();
+    let v = b"hello world ".repeat(20);
+    r.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    read_reply(&mut r);
+    r.send(&cmd_bytes(&[b"HSET", b"h", b"a", &v]));
+    assert_eq!(read_reply(&mut r), b":1\r\n");
+    let mut want = b"%1\r\n$1\r\na\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    r.send(&cmd_bytes(&[b"HGETALL", b"h"]));
+    assert_eq!(read_reply(&mut r), want);
+    let mut want = b"*1\r\n*2\r\n$1\r\na\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    r.send(&cmd_bytes(&[b"HRANDFIELD", b"h", b"5", b"WITHVALUES"]));
+    assert_eq!(read_reply(&mut r), want);
+    r.send(&cmd_bytes(&[b"HSTRLEN", b"h", b"a"]));
+    assert_eq!(read_reply(&mut r), b":240\r\n");
+    r.send(&cmd_bytes(&[b"GET", b"missing"]));
+    assert_eq!(read_reply(&mut r), b"_\r\n");
+    // Inside MULTI: a reader and a writer on a compressed key.
+    r.send(&cmd_bytes(&[b"SET", b"s", &v]));
+    r.send(&cmd_bytes(&[b"MULTI"]));
+    r.send(&cmd_bytes(&[b"STRLEN", b"s"]));
+    r.send(&cmd_bytes(&[b"APPEND", b"s", b"!"]));
+    r.send(&cmd_bytes(&[b"HGET", b"h", b"a"]));
+    r.send(&cmd_bytes(&[b"EXEC"]));
+    let replies = read_replies(&mut r, 6);
+    let mut want = b"*3\r\n:240\r\n:241\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&replies[5]),
+        String::from_utf8_lossy(&want)
+    );
+}
