@@ -78,6 +78,8 @@ pub enum Decode {
     Script,
     /// An EXEC element replaced by this reply (an error found at queue time).
     Replace(Bytes),
+    /// Consecutive replies of a pass-through batch, one action each.
+    Seq(Vec<Decode>),
 }
 
 /// What the session does with a command when compression is on.
@@ -331,6 +333,53 @@ pub fn rewrite_write(
     (out, decode)
 }
 
+/// For a command on the pass-through batch path: `Some(action)` when it
+/// needs no rewriting (reads, and writes whose values are all below
+/// `min_bytes` and unmarked), `None` when it must take the compression path.
+pub fn batchable<A: command::Args + ?Sized>(k: Kind, args: &A, min_bytes: usize) -> Option<Decode> {
+    let n = args.count();
+    let has_get = || (3..n).any(|i| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(b"GET")));
+    let plain = |range: &mut dyn Iterator<Item = usize>| {
+        let mut ok = true;
+        for i in range {
+            ok &= args
+                .arg(i)
+                .is_none_or(|v| v.len() < min_bytes && !compress::is_compressed(v));
+        }
+        ok
+    };
+    match k {
+        Kind::None => Some(Decode::None),
+        Kind::Read(Read::Bulk) => Some(Decode::Bulk),
+        Kind::Read(Read::Array) => Some(Decode::Array),
+        Kind::Read(Read::Pairs) => Some(Decode::Pairs),
+        Kind::Read(Read::Hrandfield) => Some(
+            if n == 4
+                && args
+                    .arg(3)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"WITHVALUES"))
+            {
+                Decode::Pairs
+            } else {
+                Decode::None
+            },
+        ),
+        Kind::Write(Write::Set) => plain(&mut (2..3)).then(|| {
+            if has_get() {
+                Decode::Bulk
+            } else {
+                Decode::None
+            }
+        }),
+        Kind::Write(Write::At(i)) => plain(&mut (i..i + 1)).then_some(Decode::None),
+        Kind::Write(Write::GetSet) => plain(&mut (2..3)).then_some(Decode::Bulk),
+        Kind::Write(Write::Mset) => plain(&mut (2..n).step_by(2)).then_some(Decode::None),
+        Kind::Write(Write::Hset) => plain(&mut (3..n).step_by(2)).then_some(Decode::None),
+        Kind::Incr | Kind::HIncr if min_bytes > 20 => Some(Decode::None),
+        _ => None,
+    }
+}
+
 /// How to decode the reply of a reading command.
 pub fn read_decode(r: Read, args: &[Bytes]) -> Decode {
     match r {
@@ -376,12 +425,24 @@ pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> By
         Decode::None => true,
         Decode::Bulk => !bulk_may_be_framed(&data),
         Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))) => false,
+        Decode::Seq(v) if v.iter().all(|x| *x == Decode::None) => true,
         _ => !contains_magic(&data),
     };
     if skip {
         return data;
     }
     let mut out = BytesMut::with_capacity(data.len() * 2);
+    if let Decode::Seq(v) = d {
+        let mut p = 0;
+        for sub in v {
+            match element(&data, p, sub, codec, stats, &mut out) {
+                Ok(e) => p = e,
+                Err(_) => return data,
+            }
+        }
+        out.extend_from_slice(&data[p..]);
+        return out.freeze();
+    }
     match transform(&data, 0, d, codec, stats, &mut out) {
         Ok(end) => {
             out.extend_from_slice(&data[end..]);
@@ -470,6 +531,29 @@ fn skip(buf: &[u8], pos: usize) -> Result<usize, Fail> {
     }
 }
 
+/// One element of an EXEC reply or a batch: a corrupt value makes it an
+/// error reply of its own.
+fn element(
+    buf: &[u8],
+    pos: usize,
+    d: &Decode,
+    codec: &Codec,
+    stats: &Stats,
+    out: &mut BytesMut,
+) -> Result<usize, Fail> {
+    let mark = out.len();
+    match transform(buf, pos, d, codec, stats, out) {
+        Ok(e) => Ok(e),
+        Err(Fail::Corrupt(e)) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            out.truncate(mark);
+            out.extend_from_slice(&corrupt_error(&e));
+            skip(buf, pos)
+        }
+        Err(f) => Err(f),
+    }
+}
+
 /// Copies the frame at `pos` to `out`, decoding value positions per `d`.
 /// Inside an EXEC reply a corrupt value becomes an error element; elsewhere
 /// it fails the whole reply.
@@ -530,7 +614,7 @@ fn transform(
                 Err(e) => Err(Fail::Corrupt(e)),
             }
         }
-        Decode::Array | Decode::Pairs | Decode::Exec(_) => {
+        Decode::Array | Decode::Pairs | Decode::Exec(_) | Decode::Seq(_) => {
             if !matches!(t, b'*' | b'~' | b'%') {
                 let end = skip(buf, pos)?;
                 out.extend_from_slice(&buf[pos..end]);
@@ -562,19 +646,8 @@ fn transform(
                     Decode::Exec(v) => v.get(i).cloned().unwrap_or(Decode::None),
                     _ => Decode::None,
                 };
-                let nested_exec = matches!(d, Decode::Exec(_));
-                if nested_exec {
-                    let mark = out.len();
-                    match transform(buf, p, &sub, codec, stats, out) {
-                        Ok(e) => p = e,
-                        Err(Fail::Corrupt(e)) => {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
-                            out.truncate(mark);
-                            out.extend_from_slice(&corrupt_error(&e));
-                            p = skip(buf, p)?;
-                        }
-                        Err(f) => return Err(f),
-                    }
+                if matches!(d, Decode::Exec(_)) {
+                    p = element(buf, p, &sub, codec, stats, out)?;
                 } else {
                     p = transform(buf, p, &sub, codec, stats, out)?;
                 }

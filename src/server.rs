@@ -33,6 +33,8 @@ pub struct Runtime {
     pub max_pipeline: AtomicUsize,
     /// `compression.enabled` (read on the hot path).
     pub compression: std::sync::atomic::AtomicBool,
+    /// `compression.min_bytes`.
+    pub compression_min_bytes: AtomicUsize,
 }
 
 impl Runtime {
@@ -53,6 +55,8 @@ impl Runtime {
             .store(c.limits.max_pipeline, Ordering::Relaxed);
         self.compression
             .store(c.compression.enabled, Ordering::Relaxed);
+        self.compression_min_bytes
+            .store(c.compression.min_bytes, Ordering::Relaxed);
     }
 
     pub fn limits(&self) -> Limits {

@@ -136,6 +136,9 @@ pub struct Session<W> {
     quit: bool,
     /// Commands queued in MULTI, for decoding the EXEC reply.
     tx_queue: cz::Tx,
+    /// Reply actions of the pending pass-through batch (`None`: nothing to
+    /// decode in it).
+    run_decode: Option<Vec<cz::Decode>>,
 }
 
 enum Flow {
@@ -182,6 +185,7 @@ where
         link: link.clone(),
         quit: false,
         tx_queue: cz::Tx::default(),
+        run_decode: None,
     };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut need = 0usize;
@@ -343,11 +347,17 @@ where
             if class == Some(Class::Pass)
                 && self.pinned.is_none()
                 && !self.is_local()
-                && !self.compressing(id)
+                && let Some(dec) = self.batch_decode(id, &chunk[*start..*start + p.len], &p.args)
             {
                 let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
                 r.2.push(id.unwrap_or(command::count()) as u16);
                 r.1 = *start + p.len;
+                if dec != cz::Decode::None || self.run_decode.is_some() {
+                    let before = r.2.len() - 1;
+                    self.run_decode
+                        .get_or_insert_with(|| vec![cz::Decode::None; before])
+                        .push(dec);
+                }
                 continue;
             }
             let raw = chunk.slice(*start..*start + p.len);
@@ -425,7 +435,11 @@ where
 
     async fn flush_run(&mut self, chunk: &Bytes, run: &mut Run) {
         if let Some((s, e, ids)) = run.take() {
-            self.forward(chunk.slice(s..e), ids, Post::None).await;
+            let post = match self.run_decode.take() {
+                Some(v) => Post::Decode(cz::Decode::Seq(v)),
+                None => Post::None,
+            };
+            self.forward(chunk.slice(s..e), ids, post).await;
         }
     }
 
@@ -435,6 +449,23 @@ where
         cz::kind(id) != Kind::None
             && self.shared.rt.compression.load(Ordering::Relaxed)
             && !self.is_local()
+    }
+
+    /// `Some(action)` when a pass-through command may join the batch
+    /// (`Decode::None` unless its reply may carry a compressed value).
+    #[inline]
+    fn batch_decode(
+        &self,
+        id: Option<usize>,
+        buf: &[u8],
+        ranges: &[std::ops::Range<usize>],
+    ) -> Option<cz::Decode> {
+        if !self.compressing(id) {
+            return Some(cz::Decode::None);
+        }
+        let view = command::RawArgs { buf, ranges };
+        let min = self.shared.rt.compression_min_bytes.load(Ordering::Relaxed);
+        cz::batchable(cz::kind(id), &view, min)
     }
 
     /// Compression hook (see src/compress_cmd.rs). Returns false when the
