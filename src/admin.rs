@@ -12,7 +12,7 @@ const HELP: &[&str] = &[
     "INFO",
     "    Proxy status: version, uptime, clients, upstream, backend.",
     "STATS",
-    "    Counters: commands by name, errors by kind, bytes in/out.",
+    "    Counters: commands by name, errors by kind, bytes in/out, compression.",
     "UPSTREAM",
     "    Upstream address, health, connections, reconnects, last error.",
     "CLIENTS",
@@ -123,6 +123,9 @@ pub fn proxy_info(sh: &Shared) -> String {
         "compression_enabled:{}\r\n",
         cfg.compression.enabled as u8
     );
+    for (k, v) in sh.metrics.compression.render() {
+        let _ = write!(s, "compression_{k}:{v}\r\n");
+    }
     s
 }
 
@@ -217,6 +220,9 @@ pub fn proxy_command(sh: &Shared, args: &[Bytes], resp3: bool, out: &mut BytesMu
                     sh.metrics.bytes_out.load(Ordering::Relaxed).to_string(),
                 ),
             ];
+            for (k, v) in sh.metrics.compression.render() {
+                pairs.push((format!("compression_{k}"), v));
+            }
             let mut errs: Vec<(String, String)> = sh
                 .metrics
                 .errors

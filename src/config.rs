@@ -249,13 +249,34 @@ impl Default for L1Config {
 pub struct CompressionConfig {
     pub enabled: bool,
     pub min_bytes: usize,
+    /// Store compressed only when that saves at least this fraction.
+    pub min_saving: f64,
+    /// Largest original length a stored frame may declare (checked before
+    /// allocating).
+    pub max_decompressed_bytes: usize,
+    /// Redis-style key globs that are never compressed.
+    pub exclude: Vec<String>,
 }
 
 impl Default for CompressionConfig {
     fn default() -> Self {
         CompressionConfig {
-            enabled: false,
+            enabled: true,
             min_bytes: 1024,
+            min_saving: 0.1,
+            max_decompressed_bytes: 512 * 1024 * 1024,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+impl CompressionConfig {
+    /// The stored-format codec for this policy.
+    pub fn codec(&self) -> crate::compress::Codec {
+        crate::compress::Codec {
+            min_bytes: self.min_bytes,
+            min_saving: self.min_saving,
+            max_decompressed_bytes: self.max_decompressed_bytes,
         }
     }
 }
@@ -485,8 +506,11 @@ impl Config {
         if self.l1.mode != L1Mode::Off && self.l1.max_bytes < 1024 {
             return Err("l1.max_bytes must be at least 1024".into());
         }
-        if self.compression.enabled {
-            return Err("compression.enabled: not available in this build yet".into());
+        if !(0.0..=1.0).contains(&self.compression.min_saving) {
+            return Err("compression.min_saving must be between 0.0 and 1.0".into());
+        }
+        if self.compression.max_decompressed_bytes == 0 {
+            return Err("compression.max_decompressed_bytes must be > 0".into());
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level '{}': {e}", self.log.level))?;

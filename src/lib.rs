@@ -20,6 +20,7 @@ pub mod cache;
 pub mod check;
 pub mod command;
 pub mod compress;
+pub mod compress_cmd;
 pub mod config;
 pub mod local;
 pub mod logging;

@@ -78,6 +78,8 @@ pub struct Metrics {
     cmds: Vec<CmdStats>,
     /// AI.* hit/miss/set/invalidation statistics (AI.STATS and /metrics).
     pub ai: crate::ai::AiStats,
+    /// Compression counters (values compressed/skipped, bytes, errors).
+    pub compression: crate::compress_cmd::Stats,
     pub clients: AtomicI64,
     pub clients_total: AtomicU64,
     pub rejected: AtomicU64,
@@ -106,6 +108,7 @@ impl Metrics {
         Metrics {
             cmds: (0..n).map(|_| CmdStats::new()).collect(),
             ai: crate::ai::AiStats::new(),
+            compression: Default::default(),
             clients: AtomicI64::new(0),
             clients_total: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -168,6 +171,7 @@ impl Metrics {
                 }
             }
         }
+        crate::compress_cmd::render_prometheus(self, &mut s);
         // AI response cache statistics (see AI.STATS); untyped samples.
         for (k, v) in self.ai.render() {
             if let Ok(v) = v.parse::<f64>() {

@@ -32,6 +32,10 @@ pub struct Runtime {
     pub max_inline_bytes: AtomicUsize,
     pub max_output_bytes: AtomicUsize,
     pub max_pipeline: AtomicUsize,
+    /// `compression.enabled` (read on the hot path).
+    pub compression: std::sync::atomic::AtomicBool,
+    /// `compression.min_bytes`.
+    pub compression_min_bytes: AtomicUsize,
 }
 
 impl Runtime {
@@ -52,6 +56,10 @@ impl Runtime {
             .store(c.limits.max_output_bytes, Ordering::Relaxed);
         self.max_pipeline
             .store(c.limits.max_pipeline, Ordering::Relaxed);
+        self.compression
+            .store(c.compression.enabled, Ordering::Relaxed);
+        self.compression_min_bytes
+            .store(c.compression.min_bytes, Ordering::Relaxed);
     }
 
     pub fn limits(&self) -> Limits {

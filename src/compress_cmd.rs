@@ -1,0 +1,902 @@
+//! Compression on the data path: which commands carry values, how their
+//! requests are re-encoded, how their replies are decoded, and how the
+//! byte-level string commands keep Redis' own answers on compressed keys.
+//!
+//! The session asks [`kind`] once per command (a table lookup by command id);
+//! commands that cannot carry a value never reach this module and keep the
+//! raw pass-through path.
+//!
+//! # Approaches per command family
+//!
+//! * **Writes carrying values** (SET incl. GET/KEEPTTL and every other
+//!   option, SETEX, PSETEX, SETNX, GETSET, MSET, MSETNX, HSET, HMSET, HSETNX):
+//!   each value goes through [`Codec::encode`] and the command is re-encoded.
+//!   Values that begin with the magic are always framed, so any value reads
+//!   back unchanged.
+//! * **Replies carrying values** (GET, GETEX, GETDEL, GETSET, SET … GET,
+//!   HGET, MGET, HMGET, HVALS, HGETALL, HRANDFIELD … WITHVALUES, and the same
+//!   commands queued in MULTI … EXEC): forwarded unchanged; the writer decodes
+//!   the value positions of the reply ([`decode_reply`]). A corrupt or
+//!   oversized frame turns that command's reply (or that EXEC element) into
+//!   `-ERR respite: corrupt compressed value (…)`.
+//! * **Byte-level commands** (STRLEN, GETRANGE, SUBSTR, APPEND, SETRANGE,
+//!   INCRBYFLOAT, GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD, BITFIELD_RO,
+//!   BITOP, LCS, HSTRLEN, HINCRBYFLOAT, and INCR/INCRBY/DECR/DECRBY/HINCRBY
+//!   when `min_bytes` <= 20): run inside one Lua script ([`SCRIPT`]) that
+//!   checks every key (or hash field) the command reads. When none is
+//!   compressed the script runs the original command (`redis.pcall`, so
+//!   errors are Redis' own) and its reply is the client's. When one is, the
+//!   script changes nothing and returns the stored frames; the proxy decodes
+//!   them and runs the script again with those frames as expectations: the
+//!   script then rewrites each key uncompressed (`SET … KEEPTTL` / `HSET`,
+//!   so TTLs stay) only if it still holds exactly that frame, and runs the
+//!   command in the same atomic step. A concurrent change makes it report
+//!   again and the proxy retries. This gives Redis' exact answer for every
+//!   such command (it runs on the real bytes, in Redis) and stays atomic
+//!   against other clients without WATCH or a dedicated connection. Keys a
+//!   byte-level command touched stay uncompressed until rewritten. A value
+//!   the command leaves beginning with the magic (APPEND, SETRANGE, BITOP …
+//!   can build one) is wrapped in a raw frame in the same step, so it reads
+//!   back as it is.
+//! * **INCR, INCRBY, DECR, DECRBY, HINCRBY** with `min_bytes` > 20 are
+//!   forwarded unchanged: a frame decodes to a value of at least `min_bytes`
+//!   bytes or one beginning with the magic, and Redis never reads either as an
+//!   integer (`string2ll` gives up beyond 20 characters), so Redis' error on
+//!   the stored bytes is exactly its error on the decoded value, and on an
+//!   unmarked value the command is the command.
+//! * **Inside MULTI** a byte-level command cannot wait for a script's answer
+//!   (it is only queued): the proxy first rewrites the keys it reads
+//!   uncompressed (the same script, without a command, on a shared
+//!   connection), then queues the original command.
+//!
+//! Scripts (EVAL/FCALL), DUMP/RESTORE, OBJECT, MEMORY USAGE, SORT … BY/GET
+//! and the like see the stored bytes (docs/compression-format.md).
+
+use crate::command;
+use crate::compress::{self, Codec, CompressError};
+use crate::metrics::Metrics;
+use bytes::{Bytes, BytesMut};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Which part of a reply carries values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decode {
+    /// Nothing to decode.
+    None,
+    /// The reply is one bulk string (or nil).
+    Bulk,
+    /// An array (or set) of bulk strings.
+    Array,
+    /// Field/value pairs: a flat array, a RESP3 map, or an array of
+    /// two-element arrays (HRANDFIELD … WITHVALUES under RESP3).
+    Pairs,
+    /// An EXEC reply: one action per queued command.
+    Exec(Vec<Decode>),
+    /// The reply of [`SCRIPT`] queued in MULTI: a report (a key changed
+    /// between queueing and EXEC) becomes an error.
+    Script,
+    /// An EXEC element replaced by this reply (an error found at queue time).
+    Replace(Bytes),
+    /// Consecutive replies of a pass-through batch, one action each.
+    Seq(Vec<Decode>),
+}
+
+/// What the session does with a command when compression is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Not affected: the normal path.
+    None,
+    /// Writes values (re-encoded).
+    Write(Write),
+    /// Reply carries values.
+    Read(Read),
+    /// Works on the bytes of string values.
+    Bytes,
+    /// Works on the bytes of hash field values (`HSTRLEN key field` …).
+    HashBytes,
+    /// Integer increments: exact without help when `min_bytes` > 20.
+    Incr,
+    /// Integer increments of hash fields, likewise.
+    HIncr,
+    Multi,
+    Exec,
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// `SET key value [options]`: value at 2, GET option decodes the reply.
+    Set,
+    /// Value at a fixed position, reply not a value.
+    At(usize),
+    /// `GETSET key value`.
+    GetSet,
+    /// `MSET k v [k v …]`.
+    Mset,
+    /// `HSET key f v [f v …]`.
+    Hset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    Bulk,
+    Array,
+    Pairs,
+    /// `HRANDFIELD key [count [WITHVALUES]]`.
+    Hrandfield,
+}
+
+static TABLE: LazyLock<Vec<Kind>> = LazyLock::new(|| {
+    let mut t = vec![Kind::None; command::count() + 1];
+    let mut set = |name: &str, k: Kind| {
+        if let Some(id) = command::id_of(name) {
+            t[id] = k;
+        }
+    };
+    set("SET", Kind::Write(Write::Set));
+    set("SETEX", Kind::Write(Write::At(3)));
+    set("PSETEX", Kind::Write(Write::At(3)));
+    set("SETNX", Kind::Write(Write::At(2)));
+    set("HSETNX", Kind::Write(Write::At(3)));
+    set("GETSET", Kind::Write(Write::GetSet));
+    set("MSET", Kind::Write(Write::Mset));
+    set("MSETNX", Kind::Write(Write::Mset));
+    set("HSET", Kind::Write(Write::Hset));
+    set("HMSET", Kind::Write(Write::Hset));
+    for n in ["GET", "GETEX", "GETDEL", "HGET"] {
+        set(n, Kind::Read(Read::Bulk));
+    }
+    for n in ["MGET", "HMGET", "HVALS"] {
+        set(n, Kind::Read(Read::Array));
+    }
+    set("HGETALL", Kind::Read(Read::Pairs));
+    set("HRANDFIELD", Kind::Read(Read::Hrandfield));
+    for n in [
+        "STRLEN",
+        "GETRANGE",
+        "SUBSTR",
+        "APPEND",
+        "SETRANGE",
+        "INCRBYFLOAT",
+        "GETBIT",
+        "SETBIT",
+        "BITCOUNT",
+        "BITPOS",
+        "BITFIELD",
+        "BITFIELD_RO",
+        "BITOP",
+        "LCS",
+    ] {
+        set(n, Kind::Bytes);
+    }
+    for n in ["INCR", "INCRBY", "DECR", "DECRBY"] {
+        set(n, Kind::Incr);
+    }
+    set("HSTRLEN", Kind::HashBytes);
+    set("HINCRBYFLOAT", Kind::HashBytes);
+    set("HINCRBY", Kind::HIncr);
+    set("MULTI", Kind::Multi);
+    set("EXEC", Kind::Exec);
+    set("DISCARD", Kind::Discard);
+    t
+});
+
+/// How compression affects command `id` (one table lookup).
+#[inline]
+pub fn kind(id: Option<usize>) -> Kind {
+    match id {
+        Some(i) => TABLE.get(i).copied().unwrap_or(Kind::None),
+        None => Kind::None,
+    }
+}
+
+/// Per-session transaction bookkeeping, so an EXEC reply can be decoded.
+#[derive(Debug, Default)]
+pub struct Tx {
+    pub multi: bool,
+    pub queued: Vec<Decode>,
+}
+
+/// Compression counters (PROXY STATS, INFO, /metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub compressed: AtomicU64,
+    pub skipped: AtomicU64,
+    pub bytes_before: AtomicU64,
+    pub bytes_after: AtomicU64,
+    pub decompressed: AtomicU64,
+    pub errors: AtomicU64,
+    pub emulated: AtomicU64,
+}
+
+impl Stats {
+    pub fn render(&self) -> Vec<(&'static str, String)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let before = g(&self.bytes_before);
+        let after = g(&self.bytes_after);
+        let ratio = if after == 0 {
+            0.0
+        } else {
+            before as f64 / after as f64
+        };
+        vec![
+            ("values_compressed", g(&self.compressed).to_string()),
+            ("values_skipped", g(&self.skipped).to_string()),
+            ("bytes_before", before.to_string()),
+            ("bytes_after", after.to_string()),
+            ("ratio", format!("{ratio:.3}")),
+            ("values_decompressed", g(&self.decompressed).to_string()),
+            ("decompression_errors", g(&self.errors).to_string()),
+            ("byte_commands_emulated", g(&self.emulated).to_string()),
+        ]
+    }
+}
+
+/// The compression settings one command sees.
+pub struct Policy<'a> {
+    pub codec: Codec,
+    pub exclude: &'a [String],
+}
+
+impl Policy<'_> {
+    fn excluded(&self, key: &[u8]) -> bool {
+        self.exclude
+            .iter()
+            .any(|g| crate::admin::glob(g.as_bytes(), key))
+    }
+
+    /// The bytes to store for `value` under `key` (`None`: the value itself).
+    fn encode(&self, key: &[u8], value: &[u8], stats: &Stats) -> Option<Bytes> {
+        if self.excluded(key) {
+            // Still frame values that look like frames, so they read back.
+            if compress::is_compressed(value) {
+                let raw_only = Codec {
+                    min_bytes: usize::MAX,
+                    ..self.codec.clone()
+                };
+                return raw_only.encode(value);
+            }
+            if value.len() >= self.codec.min_bytes {
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let out = self.codec.encode(value);
+        if value.len() >= self.codec.min_bytes {
+            match &out {
+                Some(f) if f.len() < value.len() => {
+                    stats.compressed.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .bytes_before
+                        .fetch_add(value.len() as u64, Ordering::Relaxed);
+                    stats
+                        .bytes_after
+                        .fetch_add(f.len() as u64, Ordering::Relaxed);
+                }
+                _ => {
+                    stats.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A write command re-encoded for storage, and how to decode its reply.
+/// `None` when the command goes upstream unchanged.
+pub fn rewrite_write(
+    w: Write,
+    args: &[Bytes],
+    policy: &Policy<'_>,
+    stats: &Stats,
+) -> (Option<Vec<Bytes>>, Decode) {
+    let mut positions: Vec<(usize, usize)> = Vec::new(); // (key, value)
+    let mut decode = Decode::None;
+    match w {
+        Write::Set => {
+            if args.len() >= 3 {
+                positions.push((1, 2));
+            }
+            if args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"GET")) {
+                decode = Decode::Bulk;
+            }
+        }
+        Write::At(i) => {
+            if args.len() == i + 1 {
+                positions.push((1, i));
+            }
+        }
+        Write::GetSet => {
+            if args.len() == 3 {
+                positions.push((1, 2));
+            }
+            decode = Decode::Bulk;
+        }
+        Write::Mset => {
+            if args.len() >= 3 && args.len() % 2 == 1 {
+                positions.extend((1..args.len()).step_by(2).map(|k| (k, k + 1)));
+            }
+        }
+        Write::Hset => {
+            if args.len() >= 4 && args.len().is_multiple_of(2) {
+                positions.extend((3..args.len()).step_by(2).map(|v| (1, v)));
+            }
+        }
+    }
+    let mut out: Option<Vec<Bytes>> = None;
+    for (k, v) in positions {
+        if let Some(enc) = policy.encode(&args[k], &args[v], stats) {
+            out.get_or_insert_with(|| args.to_vec())[v] = enc;
+        }
+    }
+    (out, decode)
+}
+
+/// For a command on the pass-through batch path: `Some(action)` when it
+/// needs no rewriting (reads, and writes whose values are all below
+/// `min_bytes` and unmarked), `None` when it must take the compression path.
+pub fn batchable<A: command::Args + ?Sized>(k: Kind, args: &A, min_bytes: usize) -> Option<Decode> {
+    let n = args.count();
+    let has_get = || (3..n).any(|i| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(b"GET")));
+    let plain = |range: &mut dyn Iterator<Item = usize>| {
+        let mut ok = true;
+        for i in range {
+            ok &= args
+                .arg(i)
+                .is_none_or(|v| v.len() < min_bytes && !compress::is_compressed(v));
+        }
+        ok
+    };
+    match k {
+        Kind::None => Some(Decode::None),
+        Kind::Read(Read::Bulk) => Some(Decode::Bulk),
+        Kind::Read(Read::Array) => Some(Decode::Array),
+        Kind::Read(Read::Pairs) => Some(Decode::Pairs),
+        Kind::Read(Read::Hrandfield) => Some(
+            if n == 4
+                && args
+                    .arg(3)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"WITHVALUES"))
+            {
+                Decode::Pairs
+            } else {
+                Decode::None
+            },
+        ),
+        Kind::Write(Write::Set) => plain(&mut (2..3)).then(|| {
+            if has_get() {
+                Decode::Bulk
+            } else {
+                Decode::None
+            }
+        }),
+        Kind::Write(Write::At(i)) => plain(&mut (i..i + 1)).then_some(Decode::None),
+        Kind::Write(Write::GetSet) => plain(&mut (2..3)).then_some(Decode::Bulk),
+        Kind::Write(Write::Mset) => plain(&mut (2..n).step_by(2)).then_some(Decode::None),
+        Kind::Write(Write::Hset) => plain(&mut (3..n).step_by(2)).then_some(Decode::None),
+        Kind::Incr | Kind::HIncr if min_bytes > 20 => Some(Decode::None),
+        _ => None,
+    }
+}
+
+/// How to decode the reply of a reading command.
+pub fn read_decode(r: Read, args: &[Bytes]) -> Decode {
+    match r {
+        Read::Bulk => Decode::Bulk,
+        Read::Array => Decode::Array,
+        Read::Pairs => Decode::Pairs,
+        Read::Hrandfield => {
+            if args.len() == 4 && args[3].eq_ignore_ascii_case(b"WITHVALUES") {
+                Decode::Pairs
+            } else {
+                Decode::None
+            }
+        }
+    }
+}
+
+/// The decode action of a command queued inside MULTI.
+pub fn queued_decode(k: Kind, args: &[Bytes]) -> Decode {
+    match k {
+        Kind::Read(r) => read_decode(r, args),
+        Kind::Write(Write::GetSet) => Decode::Bulk,
+        Kind::Write(Write::Set) if args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"GET")) => {
+            Decode::Bulk
+        }
+        _ => Decode::None,
+    }
+}
+
+/// The error reply for a value that cannot be decoded.
+pub fn corrupt_error(e: &CompressError) -> Bytes {
+    let msg = e.to_string();
+    let detail = msg
+        .strip_prefix("corrupt compressed value (")
+        .and_then(|m| m.strip_suffix(')'))
+        .unwrap_or(&msg);
+    crate::resp::error_bytes(&format!("ERR respite: corrupt compressed value ({detail})"))
+}
+
+/// Decodes the value positions of one reply. The common case (no frame in
+/// the reply) returns the input without copying.
+pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> Bytes {
+    let skip = match d {
+        Decode::None => true,
+        Decode::Bulk => !bulk_may_be_framed(&data),
+        Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))) => false,
+        Decode::Seq(v) if v.iter().all(|x| *x == Decode::None) => true,
+        _ => !contains_magic(&data),
+    };
+    if skip {
+        return data;
+    }
+    let mut out = BytesMut::with_capacity(data.len() * 2);
+    if let Decode::Seq(v) = d {
+        let mut p = 0;
+        for sub in v {
+            match element(&data, p, sub, codec, stats, &mut out) {
+                Ok(e) => p = e,
+                Err(_) => return data,
+            }
+        }
+        out.extend_from_slice(&data[p..]);
+        return out.freeze();
+    }
+    match transform(&data, 0, d, codec, stats, &mut out) {
+        Ok(end) => {
+            out.extend_from_slice(&data[end..]);
+            out.freeze()
+        }
+        Err(Fail::Corrupt(e)) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            corrupt_error(&e)
+        }
+        Err(Fail::Malformed) => data,
+    }
+}
+
+fn contains_magic(data: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(p) = data[i..].iter().position(|&b| b == compress::MAGIC[0]) {
+        if data[i + p..].starts_with(&compress::MAGIC) {
+            return true;
+        }
+        i += p + 1;
+    }
+    false
+}
+
+/// For a single bulk reply only its first payload bytes matter.
+fn bulk_may_be_framed(data: &[u8]) -> bool {
+    if data.first() != Some(&b'$') {
+        return false;
+    }
+    match data.iter().position(|&b| b == b'\n') {
+        Some(p) => data[p + 1..].starts_with(&compress::MAGIC),
+        None => false,
+    }
+}
+
+enum Fail {
+    Corrupt(CompressError),
+    Malformed,
+}
+
+fn line_end(buf: &[u8], pos: usize) -> Result<usize, Fail> {
+    buf[pos..]
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|i| pos + i)
+        .ok_or(Fail::Malformed)
+}
+
+fn header_len(buf: &[u8], pos: usize) -> Result<(i64, usize), Fail> {
+    let e = line_end(buf, pos)?;
+    let n = crate::resp::parse_int(&buf[pos + 1..e]).ok_or(Fail::Malformed)?;
+    Ok((n, e + 2))
+}
+
+/// End of the frame at `pos`.
+fn skip(buf: &[u8], pos: usize) -> Result<usize, Fail> {
+    let t = *buf.get(pos).ok_or(Fail::Malformed)?;
+    match t {
+        b'$' | b'=' | b'!' => {
+            let (n, body) = header_len(buf, pos)?;
+            if n < 0 {
+                return Ok(body);
+            }
+            let end = body + n as usize + 2;
+            if end > buf.len() {
+                return Err(Fail::Malformed);
+            }
+            Ok(end)
+        }
+        b'*' | b'~' | b'>' | b'%' | b'|' => {
+            let (n, mut p) = header_len(buf, pos)?;
+            if n < 0 {
+                return Ok(p);
+            }
+            let n = if matches!(t, b'%' | b'|') { n * 2 } else { n };
+            for _ in 0..n {
+                p = skip(buf, p)?;
+            }
+            if t == b'|' {
+                // An attribute precedes the frame it describes.
+                p = skip(buf, p)?;
+            }
+            Ok(p)
+        }
+        _ => Ok(line_end(buf, pos)? + 2),
+    }
+}
+
+/// One element of an EXEC reply or a batch: a corrupt value makes it an
+/// error reply of its own.
+fn element(
+    buf: &[u8],
+    pos: usize,
+    d: &Decode,
+    codec: &Codec,
+    stats: &Stats,
+    out: &mut BytesMut,
+) -> Result<usize, Fail> {
+    let mark = out.len();
+    match transform(buf, pos, d, codec, stats, out) {
+        Ok(e) => Ok(e),
+        Err(Fail::Corrupt(e)) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            out.truncate(mark);
+            out.extend_from_slice(&corrupt_error(&e));
+            skip(buf, pos)
+        }
+        Err(f) => Err(f),
+    }
+}
+
+/// Copies the frame at `pos` to `out`, decoding value positions per `d`.
+/// Inside an EXEC reply a corrupt value becomes an error element; elsewhere
+/// it fails the whole reply.
+fn transform(
+    buf: &[u8],
+    pos: usize,
+    d: &Decode,
+    codec: &Codec,
+    stats: &Stats,
+    out: &mut BytesMut,
+) -> Result<usize, Fail> {
+    let t = *buf.get(pos).ok_or(Fail::Malformed)?;
+    match d {
+        Decode::Script => {
+            let end = skip(buf, pos)?;
+            if script_report(&buf[pos..end]).is_some() {
+                out.extend_from_slice(&crate::resp::error_bytes(
+                    "ERR respite: a compressed value changed between MULTI and EXEC; run the transaction again",
+                ));
+            } else {
+                out.extend_from_slice(&buf[pos..end]);
+            }
+            Ok(end)
+        }
+        Decode::Replace(r) => {
+            let end = skip(buf, pos)?;
+            out.extend_from_slice(r);
+            Ok(end)
+        }
+        Decode::None => {
+            let end = skip(buf, pos)?;
+            out.extend_from_slice(&buf[pos..end]);
+            Ok(end)
+        }
+        Decode::Bulk => {
+            let end = skip(buf, pos)?;
+            if t != b'$' {
+                out.extend_from_slice(&buf[pos..end]);
+                return Ok(end);
+            }
+            let (n, body) = header_len(buf, pos)?;
+            if n < 0 {
+                out.extend_from_slice(&buf[pos..end]);
+                return Ok(end);
+            }
+            let payload = &buf[body..body + n as usize];
+            if !compress::is_compressed(payload) {
+                out.extend_from_slice(&buf[pos..end]);
+                return Ok(end);
+            }
+            match codec.decode_slice(payload) {
+                Ok(v) => {
+                    out.reserve(v.len() + 24);
+                    stats.decompressed.fetch_add(1, Ordering::Relaxed);
+                    crate::resp::bulk(out, &v);
+                    Ok(end)
+                }
+                Err(e) => Err(Fail::Corrupt(e)),
+            }
+        }
+        Decode::Array | Decode::Pairs | Decode::Exec(_) | Decode::Seq(_) => {
+            if !matches!(t, b'*' | b'~' | b'%') {
+                let end = skip(buf, pos)?;
+                out.extend_from_slice(&buf[pos..end]);
+                return Ok(end);
+            }
+            let (n, mut p) = header_len(buf, pos)?;
+            out.extend_from_slice(&buf[pos..p]);
+            if n < 0 {
+                return Ok(p);
+            }
+            let n = if t == b'%' {
+                n as usize * 2
+            } else {
+                n as usize
+            };
+            for i in 0..n {
+                let sub = match d {
+                    Decode::Array => Decode::Bulk,
+                    Decode::Pairs => {
+                        if buf.get(p) == Some(&b'*') {
+                            // [field, value] under RESP3.
+                            Decode::Exec(vec![Decode::None, Decode::Bulk])
+                        } else if i % 2 == 1 {
+                            Decode::Bulk
+                        } else {
+                            Decode::None
+                        }
+                    }
+                    Decode::Exec(v) => v.get(i).cloned().unwrap_or(Decode::None),
+                    _ => Decode::None,
+                };
+                if matches!(d, Decode::Exec(_)) {
+                    p = element(buf, p, &sub, codec, stats, out)?;
+                } else {
+                    p = transform(buf, p, &sub, codec, stats, out)?;
+                }
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// Arguments in range for the command's arity (otherwise Redis' own
+/// arity error is wanted, which a script would reword).
+pub fn arity_ok(id: usize, args: &[Bytes]) -> bool {
+    match command::spec(id) {
+        Some(s) if s.arity >= 0 => args.len() == s.arity as usize,
+        Some(s) => args.len() >= (-s.arity) as usize,
+        None => false,
+    }
+}
+
+/// What a byte-level command reads: `(key, Some(field))` for hash fields.
+pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<(Bytes, Option<Bytes>)> {
+    match k {
+        Kind::HashBytes | Kind::HIncr => {
+            vec![(args[1].clone(), Some(args[2].clone()))]
+        }
+        _ => {
+            let pos = command::key_positions(args, Some(id));
+            // BITOP's destination is included: it is overwritten, and the
+            // script frames it if the result begins with the magic. Each key
+            // once, or the script would frame a value twice.
+            let mut out: Vec<(Bytes, Option<Bytes>)> = Vec::new();
+            for i in pos {
+                if let Some(a) = args.get(i)
+                    && !out.iter().any(|(k, _)| k == a)
+                {
+                    out.push((a.clone(), None));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Checks the keys a command reads; rewrites those still holding the
+/// expected frame uncompressed; then runs the command (ARGV after the
+/// targets), all in one atomic step. Reports frames it did not expect.
+pub const SCRIPT: &str = r#"
+local n = tonumber(ARGV[2])
+local found = {}
+local sets = {}
+for i = 1, n do
+  local o = 2 + (i - 1) * 4
+  local v
+  if ARGV[o + 1] == 'h' then
+    v = redis.pcall('HGET', KEYS[i], ARGV[o + 2])
+  else
+    v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
+  end
+  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
+    if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+    if ARGV[o + 3] ~= '' and v == ARGV[o + 3] then
+      table.insert(sets, i)
+    else
+      table.insert(found, i)
+      table.insert(found, v)
+    end
+  end
+end
+if #found > 0 then
+  table.insert(found, 1, '\254RSP-RESPITE-CAS')
+  return found
+end
+for _, i in ipairs(sets) do
+  local o = 2 + (i - 1) * 4
+  if ARGV[o + 1] == 'h' then
+    redis.call('HSET', KEYS[i], ARGV[o + 2], ARGV[o + 4])
+  else
+    redis.call('SET', KEYS[i], ARGV[o + 4], 'KEEPTTL')
+  end
+end
+local first = 3 + n * 4
+if #ARGV < first then
+  -- Without a command: report only (probe).
+  return 1
+end
+if ARGV[1] == '3' then redis.setresp(3) end
+local r = redis.pcall(unpack(ARGV, first))
+-- A value the command left beginning with the magic is stored in a raw
+-- frame, so that it reads back as it is.
+for i = 1, n do
+  local o = 2 + (i - 1) * 4
+  local v
+  if ARGV[o + 1] == 'h' then
+    v = redis.pcall('HGET', KEYS[i], ARGV[o + 2])
+  else
+    v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
+  end
+  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
+    if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+    local len = #v
+    local h = {'\254RSP\1\0'}
+    repeat
+      local b = len % 128
+      len = (len - b) / 128
+      if len > 0 then b = b + 128 end
+      table.insert(h, string.char(b))
+    until len == 0
+    if ARGV[o + 1] == 'h' then
+      redis.call('HSET', KEYS[i], ARGV[o + 2], table.concat(h) .. v)
+    else
+      redis.call('SET', KEYS[i], table.concat(h) .. v, 'KEEPTTL')
+    end
+  end
+end
+return r
+"#;
+
+const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
+
+/// One attempt: the `EVAL` arguments.
+pub fn script_args(
+    targets: &[(Bytes, Option<Bytes>)],
+    expect: &[Option<(Bytes, Bytes)>],
+    resp3: bool,
+    cmd: &[Bytes],
+) -> Vec<Bytes> {
+    let mut a = Vec::with_capacity(4 + targets.len() * 5 + cmd.len());
+    a.push(Bytes::from_static(b"EVAL"));
+    a.push(Bytes::from_static(SCRIPT.as_bytes()));
+    a.push(Bytes::from(targets.len().to_string()));
+    for (k, _) in targets {
+        a.push(k.clone());
+    }
+    a.push(Bytes::from_static(if resp3 { b"3" } else { b"2" }));
+    a.push(Bytes::from(targets.len().to_string()));
+    for (i, (_, f)) in targets.iter().enumerate() {
+        a.push(Bytes::from_static(if f.is_some() { b"h" } else { b"s" }));
+        a.push(f.clone().unwrap_or_default());
+        match expect.get(i).and_then(|e| e.as_ref()) {
+            Some((stored, decoded)) => {
+                a.push(stored.clone());
+                a.push(decoded.clone());
+            }
+            None => {
+                a.push(Bytes::new());
+                a.push(Bytes::new());
+            }
+        }
+    }
+    a.extend(cmd.iter().cloned());
+    a
+}
+
+/// The frames a script reported: `(target index, stored bytes)`, or `None`
+/// when `reply` is the command's own reply.
+pub fn script_report(reply: &[u8]) -> Option<Vec<(usize, Bytes)>> {
+    if !reply.starts_with(b"*") {
+        return None;
+    }
+    let (n, mut p) = header_len(reply, 0).ok()?;
+    let (_, body) = header_len(reply, p).ok()?;
+    if reply.get(p) != Some(&b'$') || reply.get(body..body + MARKER.len()) != Some(MARKER) {
+        return None;
+    }
+    p = skip(reply, p).ok()?;
+    let mut out = Vec::new();
+    for _ in 0..(n - 1) / 2 {
+        let (i, q) = header_len(reply, p).ok()?;
+        let (len, body) = header_len(reply, q).ok()?;
+        let v = Bytes::copy_from_slice(reply.get(body..body + len.max(0) as usize)?);
+        p = skip(reply, q).ok()?;
+        out.push(((i - 1).max(0) as usize, v));
+    }
+    Some(out)
+}
+
+/// Adds compression counters to the Prometheus text.
+pub fn render_prometheus(m: &Metrics, s: &mut String) {
+    use std::fmt::Write;
+    for (k, v) in m.compression.render() {
+        let _ = writeln!(s, "# TYPE respite_compression_{k} gauge");
+        let _ = writeln!(s, "respite_compression_{k} {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> Codec {
+        Codec {
+            min_bytes: 16,
+            ..Codec::default()
+        }
+    }
+
+    #[test]
+    fn decodes_value_positions_only() {
+        let c = codec();
+        let st = Stats::default();
+        let v = vec![b'a'; 200];
+        let f = c.encode(&v).unwrap();
+        let mut r = BytesMut::new();
+        crate::resp::array_header(&mut r, 4);
+        crate::resp::bulk(&mut r, &f);
+        crate::resp::bulk(&mut r, &f);
+        crate::resp::bulk(&mut r, b"x");
+        crate::resp::bulk(&mut r, &f);
+        let out = decode_reply(&Decode::Pairs, r.freeze(), &c, &st);
+        let mut want = BytesMut::new();
+        crate::resp::array_header(&mut want, 4);
+        crate::resp::bulk(&mut want, &f);
+        crate::resp::bulk(&mut want, &v);
+        crate::resp::bulk(&mut want, b"x");
+        crate::resp::bulk(&mut want, &v);
+        assert_eq!(out, want.freeze());
+    }
+
+    #[test]
+    fn exec_elements_fail_alone() {
+        let c = codec();
+        let st = Stats::default();
+        let mut bad = compress::MAGIC.to_vec();
+        bad.extend_from_slice(&[1, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let mut r = BytesMut::new();
+        crate::resp::array_header(&mut r, 2);
+        crate::resp::bulk(&mut r, &bad);
+        r.extend_from_slice(b"+OK\r\n");
+        let out = decode_reply(
+            &Decode::Exec(vec![Decode::Bulk, Decode::None]),
+            r.freeze(),
+            &c,
+            &st,
+        );
+        assert!(out.starts_with(b"*2\r\n-ERR respite: corrupt compressed value ("));
+        assert!(out.ends_with(b"+OK\r\n"));
+    }
+
+    #[test]
+    fn report_parses() {
+        let mut r = BytesMut::new();
+        crate::resp::array_header(&mut r, 3);
+        crate::resp::bulk(&mut r, MARKER);
+        crate::resp::int(&mut r, 2);
+        crate::resp::bulk(&mut r, b"\xFERSPxx");
+        assert_eq!(
+            script_report(&r),
+            Some(vec![(1, Bytes::from_static(b"\xFERSPxx"))])
+        );
+        assert_eq!(script_report(b"*1\r\n:1\r\n"), None);
+    }
+}

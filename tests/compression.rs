@@ -1,0 +1,642 @@
+//! Transparent compression: respite with compression on must answer every
+//! string and hash command exactly as Redis does, while storing large values
+//! compressed.
+
+mod common;
+
+use common::*;
+use respite::compress::MAGIC;
+use std::io::Read;
+
+/// Reads exactly one reply frame using respite's own scanner.
+fn read_reply(r: &mut Raw) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut sc = respite::resp::FrameScanner::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        if let Some(end) = sc.next_frame(&buf).unwrap() {
+            assert_eq!(end, buf.len(), "extra bytes after one reply");
+            return buf;
+        }
+        let n = r.s.read(&mut chunk).expect("reply within timeout");
+        assert!(
+            n > 0,
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads `n` replies that arrived back to back (pipeline).
+fn read_replies(r: &mut Raw, n: usize) -> Vec<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut sc = respite::resp::FrameScanner::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    while out.len() < n {
+        if let Some(end) = sc.next_frame(&buf).unwrap() {
+            out.push(buf[..end].to_vec());
+            buf.drain(..end);
+            sc.reset();
+            continue;
+        }
+        let m = r.s.read(&mut chunk).expect("reply within timeout");
+        assert!(m > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..m]);
+    }
+    out
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+const STRS: &[&str] = &["s0", "s1", "s2", "s3", "s4", "n0"];
+const HASHES: &[&str] = &["h0", "h1", "h2"];
+const FIELDS: &[&str] = &["f0", "f1", "f2", "f3"];
+
+fn value(rng: &mut Rng) -> Vec<u8> {
+    let size = match rng.below(100) {
+        0..=9 => rng.below(16) as usize,
+        10..=59 => 16 + rng.below(300) as usize,
+        60..=89 => 300 + rng.below(6000) as usize,
+        90..=98 => 6000 + rng.below(100_000) as usize,
+        _ => 1 << 20,
+    };
+    match rng.below(10) {
+        // JSON-like, compressible.
+        0..=4 => {
+            let mut v = Vec::with_capacity(size + 64);
+            let mut i = rng.below(1000);
+            while v.len() < size {
+                v.extend_from_slice(
+                    format!("{{\"id\":{i},\"name\":\"user{i}\",\"tags\":[\"a\",\"b\"]}},")
+                        .as_bytes(),
+                );
+                i += 1;
+            }
+            v.truncate(size);
+            v
+        }
+        // Incompressible binary.
+        5..=7 => (0..size).map(|_| rng.next() as u8).collect(),
+        // Looks like a frame.
+        8 => {
+            let mut v = MAGIC.to_vec();
+            v.extend((0..size).map(|_| rng.next() as u8));
+            v
+        }
+        // Numbers.
+        _ => rng.below(100_000).to_string().into_bytes(),
+    }
+}
+
+fn small(rng: &mut Rng) -> Vec<u8> {
+    let n = rng.below(40) as usize;
+    (0..n).map(|_| b'a' + (rng.next() % 3) as u8).collect()
+}
+
+fn int(rng: &mut Rng, lo: i64, hi: i64) -> Vec<u8> {
+    (lo + rng.below((hi - lo) as u64) as i64)
+        .to_string()
+        .into_bytes()
+}
+
+fn command(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let s = |rng: &mut Rng| rng.pick(STRS).as_bytes().to_vec();
+    let h = |rng: &mut Rng| rng.pick(HASHES).as_bytes().to_vec();
+    let f = |rng: &mut Rng| rng.pick(FIELDS).as_bytes().to_vec();
+    // Sometimes the wrong type, for WRONGTYPE errors.
+    let any = |rng: &mut Rng| {
+        if rng.below(10) == 0 {
+            rng.pick(HASHES).as_bytes().to_vec()
+        } else {
+            rng.pick(STRS).as_bytes().to_vec()
+        }
+    };
+    let b = |x: &str| x.as_bytes().to_vec();
+    match rng.below(46) {
+        0..=3 => {
+            let mut c = vec![b("SET"), any(rng), value(rng)];
+            match rng.below(6) {
+                0 => c.extend([b("EX"), b("1000")]),
+                1 => c.push(b("KEEPTTL")),
+                2 => c.push(b("GET")),
+                3 => c.extend([b("NX"), b("GET")]),
+                4 => c.push(b("XX")),
+                _ => {}
+            }
+            c
+        }
+        4 => vec![b("SETEX"), s(rng), b("1000"), value(rng)],
+        5 => vec![b("PSETEX"), s(rng), b("1000000"), value(rng)],
+        6 => vec![b("SETNX"), s(rng), value(rng)],
+        7 => vec![b("GETSET"), any(rng), value(rng)],
+        8 => vec![b("MSET"), s(rng), value(rng), s(rng), value(rng)],
+        9 => vec![b("MSETNX"), s(rng), value(rng)],
+        10..=13 => vec![b("GET"), any(rng)],
+        14 => vec![b("MGET"), s(rng), any(rng), b("missing")],
+        15 => vec![b("GETEX"), s(rng), b("PERSIST")],
+        16 => vec![b("GETDEL"), any(rng)],
+        17 => vec![b("STRLEN"), any(rng)],
+        18 => vec![
+            b("GETRANGE"),
+            any(rng),
+            int(rng, -500, 500),
+            int(rng, -500, 5000),
+        ],
+        19 => vec![b("SUBSTR"), s(rng), int(rng, 0, 100), int(rng, 0, 300)],
+        20 => vec![b("APPEND"), any(rng), small(rng)],
+        21 => vec![b("SETRANGE"), any(rng), int(rng, 0, 3000), small(rng)],
+        22 => vec![b("INCR"), any(rng)],
+        23 => vec![b("INCRBY"), s(rng), int(rng, -100, 100)],
+        24 => vec![b("INCRBYFLOAT"), s(rng), b("1.5")],
+        25 => vec![b("DECR"), s(rng)],
+        26 => vec![b("DECRBY"), s(rng), int(rng, -100, 100)],
+        27 => vec![b("GETBIT"), any(rng), int(rng, 0, 20000)],
+        28 => vec![b("SETBIT"), s(rng), int(rng, 0, 20000), int(rng, 0, 2)],
+        29 => vec![b("BITCOUNT"), any(rng)],
+        30 => vec![b("BITCOUNT"), s(rng), int(rng, -50, 50), int(rng, -50, 500)],
+        31 => vec![b("BITPOS"), s(rng), int(rng, 0, 2)],
+        32 => vec![
+            b("BITFIELD"),
+            s(rng),
+            b("GET"),
+            b("u8"),
+            int(rng, 0, 800),
+            b("INCRBY"),
+            b("u4"),
+            int(rng, 0, 800),
+            b("3"),
+        ],
+        33 => vec![
+            b("BITFIELD_RO"),
+            s(rng),
+            b("GET"),
+            b("i16"),
+            int(rng, 0, 800),
+        ],
+        34 => vec![b("BITOP"), b("AND"), b("s4"), s(rng), s(rng)],
+        35 => {
+            // Small values only: LCS is quadratic.
+            if rng.below(2) == 0 {
+                vec![b("SET"), b("lcs0"), value_small_json(rng)]
+            } else {
+                vec![b("LCS"), b("lcs0"), b("lcs1"), b("LEN")]
+            }
+        }
+        36 => vec![b("SET"), b("lcs1"), value_small_json(rng)],
+        37 => {
+            let mut c = vec![b("HSET"), h(rng)];
+            for _ in 0..=rng.below(3) {
+                c.push(f(rng));
+                c.push(value(rng));
+            }
+            c
+        }
+        38 => vec![b("HMSET"), h(rng), f(rng), value(rng)],
+        39 => vec![b("HSETNX"), h(rng), f(rng), value(rng)],
+        40 => vec![b("HGET"), h(rng), f(rng)],
+        41 => vec![b("HMGET"), h(rng), f(rng), f(rng), b("nofield")],
+        42 => match rng.below(3) {
+            0 => vec![b("HGETALL"), h(rng)],
+            1 => vec![b("HVALS"), h(rng)],
+            _ => vec![b("HRANDFIELD"), h(rng), b("100"), b("WITHVALUES")],
+        },
+        43 => vec![b("HSTRLEN"), h(rng), f(rng)],
+        44 => vec![b("HINCRBY"), h(rng), f(rng), int(rng, -10, 10)],
+        _ => vec![b("HINCRBYFLOAT"), h(rng), f(rng), b("0.25")],
+    }
+}
+
+fn value_small_json(rng: &mut Rng) -> Vec<u8> {
+    let n = rng.below(200) as usize;
+    let mut v = Vec::new();
+    while v.len() < n {
+        v.extend_from_slice(b"{\"a\":1,\"b\":[1,2,3]}");
+        if rng.below(3) == 0 {
+            v.push(b'x');
+        }
+    }
+    v.truncate(n);
+    v
+}
+
+/// Hash iteration order depends on Redis' internal encoding, which depends
+/// on the stored size (listpack vs hashtable), so replies whose order Redis
+/// leaves unspecified are compared as multisets.
+fn normalize(cmd: &[u8], reply: Vec<u8>) -> Vec<u8> {
+    let name = String::from_utf8_lossy(cmd).to_ascii_uppercase();
+    if !matches!(name.as_str(), "HGETALL" | "HVALS" | "HRANDFIELD") {
+        return reply;
+    }
+    let Some(items) = bulk_items(&reply) else {
+        return reply;
+    };
+    let mut parts: Vec<Vec<u8>> = if name == "HVALS" {
+        items
+    } else {
+        items.chunks(2).map(|c| c.concat()).collect()
+    };
+    parts.sort();
+    parts.concat()
+}
+
+/// The elements of a flat array of bulk strings, each with its header.
+fn bulk_items(reply: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let line = |p: usize| -> Option<(i64, usize)> {
+        let e = p + reply[p..].windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(&reply[p + 1..e]).ok()?.parse().ok()?;
+        Some((n, e + 2))
+    };
+    if reply.first() != Some(&b'*') {
+        return None;
+    }
+    let (n, mut p) = line(0)?;
+    let mut out = Vec::new();
+    for _ in 0..n.max(0) {
+        if reply.get(p) != Some(&b'$') {
+            return None;
+        }
+        let (len, body) = line(p)?;
+        let end = body + len.max(0) as usize + if len >= 0 { 2 } else { 0 };
+        out.push(reply.get(p..end)?.to_vec());
+        p = end;
+    }
+    Some(out)
+}
+
+/// The elements of an array reply (EXEC), each a whole frame.
+fn elements(reply: &[u8]) -> Option<Vec<Vec<u8>>> {
+    if reply.first() != Some(&b'*') {
+        return None;
+    }
+    let e = reply.windows(2).position(|w| w == b"\r\n")?;
+    let n: i64 = std::str::from_utf8(&reply[1..e]).ok()?.parse().ok()?;
+    let mut p = e + 2;
+    let mut out = Vec::new();
+    for _ in 0..n.max(0) {
+        let mut sc = respite::resp::FrameScanner::new();
+        let end = sc.next_frame(&reply[p..]).ok()??;
+        out.push(reply[p..p + end].to_vec());
+        p += end;
+    }
+    Some(out)
+}
+
+/// [`normalize`] per element of an EXEC reply.
+fn normalize_exec(queued: &[Vec<Vec<u8>>], reply: Vec<u8>) -> Vec<u8> {
+    match elements(&reply) {
+        Some(els) if els.len() == queued.len() => els
+            .into_iter()
+            .zip(queued)
+            .map(|(e, c)| normalize(&c[0], e))
+            .collect::<Vec<_>>()
+            .concat(),
+        _ => reply,
+    }
+}
+
+fn differential(seed: u64, ops: usize, min_bytes: &str) {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let proxy = Proxy::start(
+        &behind.url(),
+        &[
+            "--set",
+            &format!("compression.min_bytes={min_bytes}"),
+            "--set",
+            "compression.enabled=true",
+        ],
+    );
+    let mut a = Raw::connect(direct.port);
+    let mut b = proxy.raw();
+    // A second client reads through L1 (GET only), to exercise fills and hits.
+    let mut b2 = proxy.raw();
+    let mut a2 = Raw::connect(direct.port);
+    let mut rng = Rng(seed);
+    let mut done = 0;
+    let mut history: Vec<String> = Vec::new();
+    while done < ops {
+        let mode = rng.below(20);
+        let batch: Vec<Vec<Vec<u8>>> = match mode {
+            // MULTI … EXEC
+            0 => {
+                let mut v = vec![vec![b"MULTI".to_vec()]];
+                for _ in 0..1 + rng.below(4) {
+                    v.push(command(&mut rng));
+                }
+                v.push(vec![b"EXEC".to_vec()]);
+                v
+            }
+            // Pipeline.
+            1 | 2 => (0..2 + rng.below(6)).map(|_| command(&mut rng)).collect(),
+            _ => vec![command(&mut rng)],
+        };
+        let mut req = Vec::new();
+        for c in &batch {
+            let refs: Vec<&[u8]> = c.iter().map(|x| x.as_slice()).collect();
+            req.extend_from_slice(&cmd_bytes(&refs));
+        }
+        for c in &batch {
+            history.push(
+                c.iter()
+                    .take(4)
+                    .map(|x| String::from_utf8_lossy(&x[..x.len().min(12)]).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        a.send(&req);
+        b.send(&req);
+        let ra = read_replies(&mut a, batch.len());
+        let rb = read_replies(&mut b, batch.len());
+        for (i, c) in batch.iter().enumerate() {
+            let (x, y) = if mode == 0 && i == batch.len() - 1 {
+                let q = &batch[1..batch.len() - 1];
+                (
+                    normalize_exec(q, ra[i].clone()),
+                    normalize_exec(q, rb[i].clone()),
+                )
+            } else {
+                (
+                    normalize(&c[0], ra[i].clone()),
+                    normalize(&c[0], rb[i].clone()),
+                )
+            };
+            if x != y {
+                let from = history.len().saturating_sub(40);
+                panic!(
+                    "seed {seed} op {done}: reply to {:?} differs\nhistory:\n{}\n direct: {:?}\n respite: {:?}",
+                    c.iter()
+                        .map(|x| String::from_utf8_lossy(&x[..x.len().min(60)]).to_string())
+                        .collect::<Vec<_>>(),
+                    history[from..].join("\n"),
+                    String::from_utf8_lossy(&ra[i][..ra[i].len().min(300)]),
+                    String::from_utf8_lossy(&rb[i][..rb[i].len().min(300)]),
+                );
+            }
+        }
+        if mode == 3 {
+            let k = rng.pick(STRS);
+            let req = cmd_bytes(&[b"GET", k.as_bytes()]);
+            a2.send(&req);
+            b2.send(&req);
+            assert_eq!(
+                read_reply(&mut a2),
+                read_reply(&mut b2),
+                "seed {seed} op {done}: L1 reader GET {k}"
+            );
+        }
+        done += batch.len();
+    }
+    // Something was stored compressed.
+    let stats = proxy.metrics();
+    assert!(
+        stats.contains("respite_compression_values_compressed"),
+        "{stats}"
+    );
+}
+
+#[test]
+fn differential_random_workload_small_min_bytes() {
+    differential(0x9E37_79B9_7F4A_7C15, 3000, "16");
+}
+
+#[test]
+fn differential_random_workload_default_like_min_bytes() {
+    differential(0xD1B5_4A32_D192_ED03, 2000, "100");
+}
+
+#[test]
+fn large_values_are_stored_compressed_and_direct_values_read_back() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=1024"]);
+    let mut p = proxy.conn();
+    let mut d = redis.conn();
+    let big: String = (0..2000)
+        .map(|i| format!("{{\"id\":{i},\"v\":\"abc\"}}"))
+        .collect();
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut p)
+        .unwrap();
+    let stored: Vec<u8> = redis::cmd("GET").arg("big").query(&mut d).unwrap();
+    assert!(stored.starts_with(&MAGIC), "stored value is marked");
+    assert!(
+        stored.len() * 2 < big.len(),
+        "stored {} of {}",
+        stored.len(),
+        big.len()
+    );
+    let back: String = redis::cmd("GET").arg("big").query(&mut p).unwrap();
+    assert_eq!(back, big);
+    let n: usize = redis::cmd("STRLEN").arg("big").query(&mut p).unwrap();
+    assert_eq!(n, big.len());
+    // Hash fields too.
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg(&big)
+        .query(&mut p)
+        .unwrap();
+    let stored: Vec<u8> = redis::cmd("HGET").arg("h").arg("f").query(&mut d).unwrap();
+    assert!(stored.starts_with(&MAGIC));
+    let back: String = redis::cmd("HGET").arg("h").arg("f").query(&mut p).unwrap();
+    assert_eq!(back, big);
+    // Written directly: read back unchanged, also large and binary.
+    let raw: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let _: () = redis::cmd("SET")
+        .arg("direct")
+        .arg(&raw)
+        .query(&mut d)
+        .unwrap();
+    let back: Vec<u8> = redis::cmd("GET").arg("direct").query(&mut p).unwrap();
+    assert_eq!(back, raw);
+    // Small values are stored as they are.
+    let _: () = redis::cmd("SET")
+        .arg("small")
+        .arg("hello")
+        .query(&mut p)
+        .unwrap();
+    let stored: String = redis::cmd("GET").arg("small").query(&mut d).unwrap();
+    assert_eq!(stored, "hello");
+    // Byte-level writer keeps the TTL.
+    let _: () = redis::cmd("SET")
+        .arg("ttl")
+        .arg(&big)
+        .arg("EX")
+        .arg(1000)
+        .query(&mut p)
+        .unwrap();
+    let n: usize = redis::cmd("APPEND")
+        .arg("ttl")
+        .arg("xyz")
+        .query(&mut p)
+        .unwrap();
+    assert_eq!(n, big.len() + 3);
+    let ttl: i64 = redis::cmd("TTL").arg("ttl").query(&mut p).unwrap();
+    assert!((990..=1000).contains(&ttl), "ttl {ttl}");
+    // Excluded keys are stored as they are.
+    let info: String = redis::cmd("PROXY")
+        .arg("STATS")
+        .query(&mut p)
+        .map(|v: redis::Value| format!("{v:?}"))
+        .unwrap();
+    assert!(info.contains("compression_values_compressed"), "{info}");
+}
+
+#[test]
+fn excluded_keys_are_not_compressed() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &redis.url(),
+        &["--set", "compression.exclude=[\"plain:*\"]"],
+    );
+    let mut p = proxy.conn();
+    let mut d = redis.conn();
+    let big = "x".repeat(10_000);
+    let _: () = redis::cmd("SET")
+        .arg("plain:1")
+        .arg(&big)
+        .query(&mut p)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("other")
+        .arg(&big)
+        .query(&mut p)
+        .unwrap();
+    let a: Vec<u8> = redis::cmd("GET").arg("plain:1").query(&mut d).unwrap();
+    let b: Vec<u8> = redis::cmd("GET").arg("other").query(&mut d).unwrap();
+    assert_eq!(a, big.as_bytes());
+    assert!(b.starts_with(&MAGIC));
+}
+
+#[test]
+fn corrupt_and_forged_values_are_clear_errors() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut d = redis.conn();
+    let mut bad_version = MAGIC.to_vec();
+    bad_version.extend_from_slice(&[9, 1, 5, b'h', b'e', b'l', b'l', b'o']);
+    let mut truncated = MAGIC.to_vec();
+    truncated.push(1);
+    // Declares 2^40 bytes.
+    let mut forged = MAGIC.to_vec();
+    forged.extend_from_slice(&[1, 1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20]);
+    forged.extend_from_slice(b"\x10a");
+    // Declares 100 bytes, decodes to fewer.
+    let mut short = MAGIC.to_vec();
+    short.extend_from_slice(&[1, 1, 100]);
+    short.extend_from_slice(b"\x10a");
+    for (k, v) in [
+        ("c1", &bad_version),
+        ("c2", &truncated),
+        ("c3", &forged),
+        ("c4", &short),
+    ] {
+        let _: () = redis::cmd("SET").arg(k).arg(v).query(&mut d).unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg("good")
+        .arg("fine")
+        .query(&mut d)
+        .unwrap();
+    let mut r = proxy.raw();
+    for k in ["c1", "c2", "c3", "c4"] {
+        r.send(&cmd_bytes(&[b"GET", k.as_bytes()]));
+        let reply = read_reply(&mut r);
+        assert!(
+            reply.starts_with(b"-ERR respite: corrupt compressed value ("),
+            "{k}: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+        r.send(&cmd_bytes(&[b"STRLEN", k.as_bytes()]));
+        let reply = read_reply(&mut r);
+        assert!(
+            reply.starts_with(b"-ERR respite: corrupt compressed value ("),
+            "STRLEN {k}: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    // The same connection and others carry on.
+    r.send(&cmd_bytes(&[b"GET", b"good"]));
+    assert_eq!(read_reply(&mut r), b"$4\r\nfine\r\n");
+    r.send(&cmd_bytes(&[b"MULTI"]));
+    r.send(&cmd_bytes(&[b"GET", b"c3"]));
+    r.send(&cmd_bytes(&[b"GET", b"good"]));
+    r.send(&cmd_bytes(&[b"EXEC"]));
+    let replies = read_replies(&mut r, 4);
+    assert!(
+        replies[3].starts_with(b"*2\r\n-ERR respite: corrupt compressed value ("),
+        "{:?}",
+        String::from_utf8_lossy(&replies[3])
+    );
+    assert!(replies[3].ends_with(b"$4\r\nfine\r\n"));
+    let mut other = proxy.conn();
+    let v: String = redis::cmd("GET").arg("good").query(&mut other).unwrap();
+    assert_eq!(v, "fine");
+    let m = proxy.metrics();
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("respite_compression_decompression_errors ") && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn resp3_maps_and_pairs_are_decoded() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut r = proxy.raw();
+    let v = b"hello world ".repeat(20);
+    r.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    read_reply(&mut r);
+    r.send(&cmd_bytes(&[b"HSET", b"h", b"a", &v]));
+    assert_eq!(read_reply(&mut r), b":1\r\n");
+    let mut want = b"%1\r\n$1\r\na\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    r.send(&cmd_bytes(&[b"HGETALL", b"h"]));
+    assert_eq!(read_reply(&mut r), want);
+    let mut want = b"*1\r\n*2\r\n$1\r\na\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    r.send(&cmd_bytes(&[b"HRANDFIELD", b"h", b"5", b"WITHVALUES"]));
+    assert_eq!(read_reply(&mut r), want);
+    r.send(&cmd_bytes(&[b"HSTRLEN", b"h", b"a"]));
+    assert_eq!(read_reply(&mut r), b":240\r\n");
+    r.send(&cmd_bytes(&[b"GET", b"missing"]));
+    assert_eq!(read_reply(&mut r), b"_\r\n");
+    // Inside MULTI: a reader and a writer on a compressed key.
+    r.send(&cmd_bytes(&[b"SET", b"s", &v]));
+    r.send(&cmd_bytes(&[b"MULTI"]));
+    r.send(&cmd_bytes(&[b"STRLEN", b"s"]));
+    r.send(&cmd_bytes(&[b"APPEND", b"s", b"!"]));
+    r.send(&cmd_bytes(&[b"HGET", b"h", b"a"]));
+    r.send(&cmd_bytes(&[b"EXEC"]));
+    let replies = read_replies(&mut r, 6);
+    let mut want = b"*3\r\n:240\r\n:241\r\n$240\r\n".to_vec();
+    want.extend_from_slice(&v);
+    want.extend_from_slice(b"\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&replies[5]),
+        String::from_utf8_lossy(&want)
+    );
+}
