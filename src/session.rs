@@ -244,6 +244,7 @@ where
                 _ => std::future::pending().await,
             }
         };
+        let pinned_conn = s.pinned.as_ref().map(|(c, _)| c.clone());
         if s.out.over.load(Ordering::Relaxed) {
             tracing::warn!(
                 client = s.id,
@@ -284,6 +285,11 @@ where
             }
             _ = &mut drain_signal => {
                 // Graceful shutdown: answer what was asked, then close.
+                break Flow::Stop;
+            }
+            _ = async { pinned_conn.as_ref().expect("guarded").closed().await }, if pinned_conn.is_some() => {
+                // Redis closed this client's own connection (CLIENT KILL,
+                // timeout): close the client too, as Redis would have.
                 break Flow::Stop;
             }
         }
@@ -1241,6 +1247,14 @@ where
             }
             Local::Proxy => {
                 crate::admin::proxy_command(&self.shared, args, self.resp3, &mut out);
+            }
+            Local::GetName => {
+                if self.pinned.is_some() {
+                    self.forward(raw, vec![idx as u16], Post::None).await;
+                    return Flow::Continue;
+                }
+                // A client that never set a name has none (SETNAME pins).
+                resp::null(&mut out, self.resp3);
             }
             Local::Ai => {
                 let _ = raw;

@@ -180,7 +180,9 @@ pub struct Handshake {
     pub db: u32,
     pub user: Option<String>,
     pub password: Option<String>,
-    pub name: &'static str,
+    /// Client name for CLIENT LIST; `None` for a client's dedicated
+    /// connection, where CLIENT GETNAME must stay the client's own.
+    pub name: Option<&'static str>,
     /// Turn on client-side-caching invalidations (`CLIENT TRACKING ON`).
     pub tracking: bool,
 }
@@ -235,14 +237,21 @@ pub async fn open_stream(
 /// name, pipelined. Requires Redis >= 6.
 async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
     let mut out = BytesMut::new();
-    let proto: &[u8] = if hs.resp3 { b"3" } else { b"2" };
-    let mut hello: Vec<&[u8]> = vec![b"HELLO", proto];
-    if let Some(p) = hs.password.as_deref() {
-        let user = hs.user.as_deref().unwrap_or("default");
-        hello.extend([&b"AUTH"[..], user.as_bytes(), p.as_bytes()]);
-    }
-    resp::encode_command(&hello, &mut out);
-    let mut n = 1;
+    let mut n = 0;
+    // HELLO only when it is needed (RESP3 or credentials): a RESP2 client's
+    // dedicated connection must open even on a server that wants AUTH the
+    // client itself is about to send (HELLO would be refused with NOAUTH).
+    let hello_at = (hs.resp3 || hs.password.is_some()).then(|| {
+        let proto: &[u8] = if hs.resp3 { b"3" } else { b"2" };
+        let mut hello: Vec<&[u8]> = vec![b"HELLO", proto];
+        if let Some(p) = hs.password.as_deref() {
+            let user = hs.user.as_deref().unwrap_or("default");
+            hello.extend([&b"AUTH"[..], user.as_bytes(), p.as_bytes()]);
+        }
+        resp::encode_command(&hello, &mut out);
+        n += 1;
+        n - 1
+    });
     if hs.db != 0 {
         resp::encode_command(
             &[b"SELECT".as_slice(), hs.db.to_string().as_bytes()],
@@ -255,8 +264,14 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
         n += 1;
         n - 1
     });
-    resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", hs.name.as_bytes()], &mut out);
-    n += 1;
+    let setname_at = hs.name.map(|name| {
+        resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", name.as_bytes()], &mut out);
+        n += 1;
+        n - 1
+    });
+    if n == 0 {
+        return Ok(String::new());
+    }
     s.w.write_all(&out)
         .await
         .map_err(|e| format!("handshake write: {e}"))?;
@@ -283,7 +298,7 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
             let msg = String::from_utf8_lossy(&frame[1..frame.len() - 2]).into_owned();
             // CLIENT SETNAME is cosmetic: a server whose ACL forbids it
             // still carries traffic.
-            if i + 1 == n {
+            if setname_at == Some(i) {
                 continue;
             }
             if tracking_at == Some(i) {
@@ -291,7 +306,7 @@ async fn handshake(s: &mut UpStream, hs: &Handshake) -> Result<String, String> {
             }
             return Err(format!("handshake refused: {msg}"));
         }
-        if i == 0 {
+        if hello_at == Some(i) {
             version = hello_version(&frame).unwrap_or_default();
         }
     }
@@ -703,7 +718,7 @@ impl Upstream {
             db: self.url.db,
             user: self.url.user.clone(),
             password: self.url.password.clone(),
-            name: "respite",
+            name: Some("respite"),
             tracking: false,
         }
     }
@@ -738,7 +753,10 @@ impl Upstream {
             hs.tracking = l1.as_ref().is_some_and(|l| l.tracks());
             match open_stream(&self.url, self.tls.as_ref(), &hs, self.connect_timeout).await {
                 Ok((stream, version)) => {
-                    *self.health.version.lock().unwrap() = version;
+                    let connected_at = Instant::now();
+                    if !version.is_empty() {
+                        *self.health.version.lock().unwrap() = version;
+                    }
                     delay = self.backoff.0;
                     let conn = spawn_conn(
                         stream,
@@ -765,15 +783,21 @@ impl Upstream {
                         l.set_valid(false);
                     }
                     *self.pools[kind].slots[slot].conn.lock().unwrap() = None;
-                    let left = self.health.connected.fetch_sub(1, Ordering::Relaxed) - 1;
-                    // Closing on shutdown is not an outage.
-                    if left == 0 && !self.shutdown.is_cancelled() {
-                        self.set_up(false, Some("connection lost".into()));
-                    }
+                    self.health.connected.fetch_sub(1, Ordering::Relaxed);
                     if self.shutdown.is_cancelled() {
                         return;
                     }
                     tracing::warn!(upstream = %self.url.redacted(), "upstream connection lost; reconnecting");
+                    // A lost connection is not yet an outage (CLIENT KILL,
+                    // an idle timeout): reconnect at once, and only a failed
+                    // connect marks Redis down. A connection that died young
+                    // goes through the backoff, so a flapping server is not
+                    // hammered.
+                    if connected_at.elapsed() > Duration::from_secs(1) {
+                        self.health.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.upstream_reconnect();
+                        continue;
+                    }
                 }
                 Err(e) if e.starts_with(TRACKING_REFUSED) => {
                     if let Some(l) = &l1 {
@@ -875,15 +899,14 @@ impl Upstream {
     }
 
     pub async fn dedicated_stream(&self, resp3: bool) -> Result<UpStream, UpError> {
-        open_stream(
-            &self.url,
-            self.tls.as_ref(),
-            &self.handshake(resp3),
-            self.connect_timeout,
-        )
-        .await
-        .map(|(s, _)| s)
-        .map_err(UpError::Unavailable)
+        let hs = Handshake {
+            name: None,
+            ..self.handshake(resp3)
+        };
+        open_stream(&self.url, self.tls.as_ref(), &hs, self.connect_timeout)
+            .await
+            .map(|(s, _)| s)
+            .map_err(UpError::Unavailable)
     }
 
     /// Waits until at least one shared connection is up, or `within` passes.

@@ -578,3 +578,83 @@ fn upstream_password_and_client_auth_to_upstream_acl_users() {
         .unwrap_err();
     assert!(e.to_string().contains("WRONGPASS"), "{e}");
 }
+
+/// Found by running redis-py's own test suite through respite.
+#[test]
+fn redis_py_suite_regressions() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "upstream.reconnect_max_ms=200"]);
+    // CLIENT GETNAME on a client that never set a name is nil, not the proxy's name.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"CLIENT", b"GETNAME"]));
+    r.expect(b"$-1\r\n");
+    // A pinned client whose own connection Redis kills is closed at once.
+    let mut a = proxy.conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("victim")
+        .query(&mut a)
+        .unwrap();
+    let n: String = redis::cmd("CLIENT").arg("GETNAME").query(&mut a).unwrap();
+    assert_eq!(n, "victim");
+    let mut direct = redis.conn();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("SKIPME")
+        .arg("yes")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut direct)
+        .unwrap_or(0);
+    assert!(killed > 0);
+    let mut raw_victim = proxy.raw();
+    raw_victim.send(&cmd_bytes(&[b"CLIENT", b"SETNAME", b"v2"]));
+    raw_victim.expect(b"+OK\r\n");
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
+    let addr = list
+        .lines()
+        .find(|l| l.contains("name=v2"))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("addr=")))
+        .unwrap()
+        .to_string();
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg(&addr)
+        .query(&mut direct)
+        .unwrap();
+    assert!(
+        raw_victim.is_closed(),
+        "client not closed when Redis killed its connection"
+    );
+    // Killing every shared connection is not an outage: new commands succeed.
+    for _ in 0..20 {
+        let r: String = redis::cmd("PING").query(&mut proxy.conn()).unwrap();
+        assert_eq!(r, "PONG");
+    }
+    // A password set at runtime: a client's AUTH through respite works.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("tp")
+        .query(&mut direct)
+        .unwrap();
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("AUTH").arg("tp").query(&mut c).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("n")
+        .query(&mut c)
+        .unwrap();
+    let v: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("nokey")
+        .arg(0.1)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, None);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("")
+        .query(&mut c)
+        .unwrap();
+}

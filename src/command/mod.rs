@@ -75,6 +75,9 @@ pub enum Local {
     Info,
     Proxy,
     Ai,
+    /// CLIENT GETNAME: the shared connections' name is the proxy's, not
+    /// the client's.
+    GetName,
 }
 
 /// FNV-1a: command names are short and trusted-shaped, and SipHash showed
@@ -232,6 +235,7 @@ pub fn classify<A: Args + ?Sized>(args: &A, id: Option<usize>) -> Class {
         "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "SYNC" | "PSYNC" => Class::Tunnel,
         "CLIENT|TRACKING" | "CLIENT|REPLY" => Class::Tunnel,
         // Connection state that must live on a connection of the client's own.
+        "CLIENT|GETNAME" => Class::Local(Local::GetName),
         "CLIENT|SETNAME" | "CLIENT|NO-EVICT" | "CLIENT|NO-TOUCH" | "CLIENT|CACHING"
         | "READONLY" | "READWRITE" | "ASKING" => Class::Pin,
         "XREAD" | "XREADGROUP" => {
