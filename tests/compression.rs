@@ -8,24 +8,9 @@ use common::*;
 use respite::compress::MAGIC;
 use std::io::Read;
 
-/// Reads exactly one reply frame using respite's own scanner.
+/// Reads exactly one reply frame.
 fn read_reply(r: &mut Raw) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut sc = respite::resp::FrameScanner::new();
-    let mut chunk = vec![0u8; 1 << 16];
-    loop {
-        if let Some(end) = sc.next_frame(&buf).unwrap() {
-            assert_eq!(end, buf.len(), "extra bytes after one reply");
-            return buf;
-        }
-        let n = r.s.read(&mut chunk).expect("reply within timeout");
-        assert!(
-            n > 0,
-            "connection closed; got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    r.read_reply()
 }
 
 /// Reads `n` replies that arrived back to back (pipeline).

@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// Sends the same command sequence to Redis directly and through respite (in
@@ -31,24 +30,9 @@ fn differential(cmds: &[Vec<&[u8]>]) {
     }
 }
 
-/// Reads exactly one reply frame using respite's own scanner.
+/// Reads exactly one reply frame.
 fn read_reply(r: &mut Raw) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut sc = respite::resp::FrameScanner::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        if let Some(end) = sc.next_frame(&buf).unwrap() {
-            assert_eq!(end, buf.len(), "extra bytes after one reply");
-            return buf;
-        }
-        let n = r.s.read(&mut chunk).expect("reply within timeout");
-        assert!(
-            n > 0,
-            "connection closed; got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    r.read_reply()
 }
 
 fn c(parts: &[&'static str]) -> Vec<&'static [u8]> {

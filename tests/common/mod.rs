@@ -354,6 +354,26 @@ impl Raw {
         got
     }
 
+    /// Reads exactly one reply frame (found with respite's own scanner).
+    pub fn read_reply(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut sc = respite::resp::FrameScanner::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            if let Some(end) = sc.next_frame(&buf).unwrap() {
+                assert_eq!(end, buf.len(), "extra bytes after one reply");
+                return buf;
+            }
+            let n = self.s.read(&mut chunk).expect("reply within timeout");
+            assert!(
+                n > 0,
+                "connection closed; got {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// Reads until the peer closes (or the timeout), returning everything.
     pub fn read_to_close(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
