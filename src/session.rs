@@ -49,6 +49,8 @@ enum Post {
     Mget(Vec<Option<Bytes>>),
     /// Decode compressed values in the reply (src/compress_cmd.rs).
     Decode(cz::Decode),
+    /// Show the client this reply instead of Redis' (a poisoned MULTI).
+    Replace(Bytes),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +130,8 @@ pub struct Session<W> {
     /// Reply actions of the pending pass-through batch (`None`: nothing to
     /// decode in it).
     run_decode: Option<Vec<cz::Decode>>,
+    /// Inside MULTI on the pinned connection (for the auth gate).
+    in_multi: bool,
 }
 
 enum Flow {
@@ -172,6 +176,7 @@ where
         broken: false,
         quit: false,
         tx_queue: cz::Tx::default(),
+        in_multi: false,
         run_decode: None,
     };
     // One long-lived future per signal: re-creating them on every read would
@@ -366,7 +371,17 @@ where
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                self.reply(reply).await;
+                if self.in_multi && self.pinned.is_some() {
+                    // Inside MULTI a refused command must also doom the
+                    // transaction, as Redis does: queue a command Redis
+                    // rejects at queue time (wrong arity), show the client
+                    // our refusal in its place, and EXEC answers EXECABORT.
+                    let poison = Bytes::from_static(b"*1\r\n$4\r\nEVAL\r\n");
+                    let ids = vec![command::count() as u16];
+                    self.forward(poison, ids, Post::Replace(reply)).await;
+                } else {
+                    self.reply(reply).await;
+                }
                 continue;
             }
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
@@ -682,6 +697,7 @@ where
                                 fill_reply(&self.shared, &key, token, resp3, &reply.data)
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
+                            Post::Replace(b) => b,
                             Post::Decode(d) => cz::decode_reply(
                                 &d,
                                 reply.data,
@@ -1071,6 +1087,11 @@ where
     ) -> Flow {
         let idx = id.unwrap_or(command::count());
         let ids = vec![idx as u16];
+        match id.map(command::name) {
+            Some("MULTI") => self.in_multi = true,
+            Some("EXEC") | Some("DISCARD") => self.in_multi = false,
+            _ => {}
+        }
         if let Backend::Local(store) = &self.shared.backend
             && !matches!(class, Class::Local(_))
         {
@@ -1217,6 +1238,7 @@ where
                 }
             }
             Local::Reset => {
+                self.in_multi = false;
                 if let Some((c, _)) = self.pinned.take() {
                     self.wait_drained().await;
                     c.close();

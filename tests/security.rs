@@ -744,7 +744,7 @@ fn tls_client_that_never_reads_is_disconnected() {
     let port = tls_port(&p);
     redis::cmd("SET")
         .arg("big")
-        .arg(vec![b'x'; 512 * 1024])
+        .arg(incompressible(512 * 1024))
         .query::<()>(&mut p.conn())
         .unwrap();
     // Ask for 400 MB of replies over TLS and never read them.
@@ -776,4 +776,24 @@ fn tls_client_that_never_reads_is_disconnected() {
     );
     let mut ok = tls_raw(&pki, port, "localhost", "ca.pem", None).unwrap();
     assert_eq!(cmd(&mut ok, &["PING"]), "+PONG");
+}
+
+#[test]
+fn refused_command_inside_multi_aborts_the_transaction() {
+    let r = RedisServer::start();
+    let p = Proxy::start_config(&users_conf(), &["--upstream", &r.url()], &[]);
+    let mut c = p.raw();
+    assert_eq!(cmd(&mut c.s, &["AUTH", "ro", "ro-pw"]), "+OK");
+    assert_eq!(cmd(&mut c.s, &["MULTI"]), "+OK");
+    assert_eq!(cmd(&mut c.s, &["GET", "k"]), "+QUEUED");
+    assert!(cmd(&mut c.s, &["SET", "k", "1"]).starts_with("-NOPERM"));
+    // As with Redis' own ACL refusals: the whole transaction is discarded.
+    assert!(
+        cmd(&mut c.s, &["EXEC"]).starts_with("-EXECABORT"),
+        "EXEC ran after a refused command"
+    );
+    assert_eq!(cmd(&mut c.s, &["PING"]), "+PONG");
+    let mut direct = r.conn();
+    let v: Option<String> = redis::cmd("GET").arg("k").query(&mut direct).unwrap();
+    assert_eq!(v, None);
 }

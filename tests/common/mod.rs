@@ -595,3 +595,17 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Bytes that LZ4 cannot shrink (an xorshift stream), for tests about sizes
+/// that must not be changed by transparent compression.
+pub fn incompressible(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
