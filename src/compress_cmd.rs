@@ -696,9 +696,9 @@ pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<(Bytes, Option<Bytes>)
 /// targets), all in one atomic step. Reports frames it did not expect.
 pub const SCRIPT: &str = r#"
 local n = tonumber(ARGV[2])
-local found = {}
-local sets = {}
-for i = 1, n do
+-- The whole value of target i when it starts with the magic, else nil (a
+-- string is probed by its first 4 bytes before it is read whole).
+local function marked(i)
   local o = 2 + (i - 1) * 4
   local v
   if ARGV[o + 1] == 'h' then
@@ -708,6 +708,16 @@ for i = 1, n do
   end
   if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
     if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+    return v
+  end
+  return nil
+end
+local found = {}
+local sets = {}
+for i = 1, n do
+  local o = 2 + (i - 1) * 4
+  local v = marked(i)
+  if v then
     if ARGV[o + 3] ~= '' and v == ARGV[o + 3] then
       table.insert(sets, i)
     else
@@ -739,14 +749,8 @@ local r = redis.pcall(unpack(ARGV, first))
 -- frame, so that it reads back as it is.
 for i = 1, n do
   local o = 2 + (i - 1) * 4
-  local v
-  if ARGV[o + 1] == 'h' then
-    v = redis.pcall('HGET', KEYS[i], ARGV[o + 2])
-  else
-    v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
-  end
-  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
-    if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+  local v = marked(i)
+  if v then
     local len = #v
     local h = {'\254RSP\1\0'}
     repeat

@@ -304,7 +304,7 @@ where
         _ => {
             let shutdown = shared.shutdown.clone();
             tokio::select! {
-                _ = s.drain_all() => {}
+                _ = s.wait_drained() => {}
                 _ = shutdown.cancelled() => {}
             }
             let _ = s.wr.shutdown().await;
@@ -352,20 +352,21 @@ where
             if p.args.is_empty() {
                 continue;
             }
+            // Ranges of an inline request point into its quoted text, so
+            // only RESP requests are classified from the raw bytes.
+            let view = command::RawArgs {
+                buf: &chunk[*start..*start + p.len],
+                ranges: &p.args,
+            };
             let (id, class) = if p.inline {
                 (None, None)
             } else {
-                let view = command::RawArgs {
-                    buf: &chunk[*start..*start + p.len],
-                    ranges: &p.args,
-                };
                 let id = command::lookup(&view);
                 (id, Some(command::classify(&view, id)))
             };
             // Auth gate (src/auth.rs): only when [[users]] are configured.
             if self.shared.auth.enabled()
-                && let Some((reply, delay)) =
-                    self.auth_gate(&chunk[*start..*start + p.len], p, id, class)
+                && let Some((reply, delay)) = self.auth_gate(view.buf, p, id, class)
             {
                 self.flush_run(&chunk, &mut run).await;
                 if !delay.is_zero() {
@@ -386,10 +387,6 @@ where
             }
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
             if let (Some(l1), false) = (&l1, p.inline) {
-                let view = command::RawArgs {
-                    buf: &chunk[*start..*start + p.len],
-                    ranges: &p.args,
-                };
                 if id == *GET_ID && p.args.len() == 2 && self.pinned.is_none() {
                     // Only a session with nothing in flight may fill: a fill
                     // travels on a tracking connection, not the session's own.
@@ -593,10 +590,6 @@ where
             self.emit(item, None).await;
         }
         self.flush().await;
-    }
-
-    async fn drain_all(&mut self) {
-        self.wait_drained().await;
     }
 
     async fn write_out(&mut self, data: &[u8]) {
