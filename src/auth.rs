@@ -62,6 +62,15 @@ impl User {
     fn key_allowed(&self, key: &[u8]) -> bool {
         self.key_prefixes.is_empty() || self.key_prefixes.iter().any(|p| key.starts_with(p))
     }
+
+    /// Every name the glob `pattern` matches is allowed: it starts with
+    /// one of the prefixes taken literally.
+    fn pattern_allowed(&self, pattern: &[u8]) -> bool {
+        self.key_prefixes.is_empty()
+            || self.key_prefixes.iter().any(|p| {
+                pattern.starts_with(p) && !p.iter().any(|c| matches!(c, b'*' | b'?' | b'[' | b'\\'))
+            })
+    }
 }
 
 /// The users in force and the per-address failure counts.
@@ -322,16 +331,6 @@ fn authorize<A: Args + ?Sized>(user: &User, args: &A, id: Option<usize>, class: 
             }
             return Verdict::Allow;
         }
-        // A tunnel (pub/sub, MONITOR, CLIENT TRACKING/REPLY) forwards raw
-        // bytes both ways without this gate, so only an unrestricted admin
-        // may open one.
-        Class::Tunnel => {
-            return err(&format!(
-                "NOPERM User {} has no permissions to run the '{}' command (through respite, pub/sub, MONITOR and CLIENT TRACKING/REPLY need an admin user without key_prefixes)",
-                user.name,
-                String::from_utf8_lossy(args.arg(0).unwrap_or_default()).to_ascii_lowercase()
-            ));
-        }
         _ => {}
     }
     let Some(spec) = id.and_then(command::spec) else {
@@ -346,10 +345,15 @@ fn authorize<A: Args + ?Sized>(user: &User, args: &A, id: Option<usize>, class: 
     if !admin && (spec.has(flags::ADMIN) || matches!(base, "FLUSHALL" | "FLUSHDB")) {
         return noperm_cmd(user, args);
     }
-    if user.role == Role::Readonly && id.is_some_and(command::may_write) {
+    if user.role == Role::Readonly
+        && (id.is_some_and(command::may_write) || matches!(base, "PUBLISH" | "SPUBLISH"))
+    {
         return noperm_cmd(user, args);
     }
     if !user.key_prefixes.is_empty() {
+        if let Some(v) = channel_rules(user, args, spec.name) {
+            return v;
+        }
         // Commands that reach every key cannot be confined to prefixes.
         if matches!(base, "KEYS" | "SCAN" | "RANDOMKEY" | "FLUSHALL" | "FLUSHDB") {
             return noperm_cmd(user, args);
@@ -361,6 +365,80 @@ fn authorize<A: Args + ?Sized>(user: &User, args: &A, id: Option<usize>, class: 
         }
     }
     Verdict::Allow
+}
+
+/// Pub/sub, MONITOR and tracking for a user confined to key prefixes: the
+/// prefixes confine channel names too (keyspace notifications and
+/// broadcast tracking would otherwise reveal other tenants' keys).
+/// `None`: no channel rule applies, the key rules decide.
+fn channel_rules<A: Args + ?Sized>(user: &User, args: &A, name: &str) -> Option<Verdict> {
+    let denied = || Some(err("NOPERM No permissions to access a channel"));
+    let all = |from: usize, pattern: bool| {
+        (from..args.count()).all(|i| {
+            args.arg(i).is_some_and(|c| {
+                if pattern {
+                    user.pattern_allowed(c)
+                } else {
+                    user.key_allowed(c)
+                }
+            })
+        })
+    };
+    match name {
+        "MONITOR" => Some(noperm_cmd(user, args)),
+        "SUBSCRIBE" | "SSUBSCRIBE" | "PUBSUB|NUMSUB" | "PUBSUB|SHARDNUMSUB" => {
+            let from = if name.starts_with("PUBSUB") { 2 } else { 1 };
+            if all(from, false) {
+                Some(Verdict::Allow)
+            } else {
+                denied()
+            }
+        }
+        "PUBLISH" | "SPUBLISH" => {
+            if args.arg(1).is_some_and(|c| user.key_allowed(c)) {
+                Some(Verdict::Allow)
+            } else {
+                denied()
+            }
+        }
+        "PSUBSCRIBE" => {
+            if all(1, true) {
+                Some(Verdict::Allow)
+            } else {
+                denied()
+            }
+        }
+        "PUBSUB|CHANNELS" | "PUBSUB|SHARDCHANNELS" => {
+            // Without a pattern these list every channel.
+            if args.count() == 3 && all(2, true) {
+                Some(Verdict::Allow)
+            } else {
+                denied()
+            }
+        }
+        "CLIENT|TRACKING" => {
+            // Broadcast mode reports every key under its PREFIX arguments
+            // (all keys without one), whoever reads them.
+            let mut bcast = false;
+            let mut prefixes = Vec::new();
+            let mut i = 3;
+            while let Some(a) = args.arg(i) {
+                if a.eq_ignore_ascii_case(b"BCAST") {
+                    bcast = true;
+                } else if a.eq_ignore_ascii_case(b"PREFIX") {
+                    prefixes.push(args.arg(i + 1).unwrap_or_default());
+                    i += 1;
+                }
+                i += 1;
+            }
+            if bcast && (prefixes.is_empty() || !prefixes.iter().all(|p| user.key_allowed(p))) {
+                denied()
+            } else {
+                Some(Verdict::Allow)
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Hex SHA-256 of a password, for `password_sha256`.

@@ -3,6 +3,7 @@
 //! Module map (data path order):
 //! - [`server`]: listener, shared state, start-up, reload, graceful drain.
 //! - [`session`]: one client connection: parse, classify, dispatch, ordered replies.
+//! - [`tunnel`]: a subscribed/monitoring session: raw frames, still gated.
 //! - [`resp`]: request parser with limits, resumable reply-frame scanner, reply builders.
 //! - [`command`]: the command table generated from Redis' `COMMAND` and classification.
 //! - [`upstream`]: multiplexed, pipelined shared connections; dedicated connections.
@@ -29,4 +30,5 @@ pub mod resp;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

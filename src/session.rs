@@ -137,7 +137,12 @@ pub struct Session<W> {
 enum Flow {
     Continue,
     Stop,
-    Tunnel { first: Bytes },
+    /// `first` is the tunnelling command; `rest` what the client sent
+    /// after it, still to be checked.
+    Tunnel {
+        first: Bytes,
+        rest: BytesMut,
+    },
 }
 
 type Run = Option<(usize, usize, Vec<u16>)>;
@@ -300,7 +305,7 @@ where
         }
     };
     match flow {
-        Flow::Tunnel { first } => s.tunnel(rd, first).await,
+        Flow::Tunnel { first, rest } => s.tunnel(rd, first, rest).await,
         _ => {
             let shutdown = shared.shutdown.clone();
             tokio::select! {
@@ -489,18 +494,17 @@ where
             };
             match self.dispatch(class, id, &args, raw).await {
                 Flow::Continue => {}
-                Flow::Tunnel { first } => {
-                    // Whatever the client pipelined after the tunnelling command
-                    // goes upstream verbatim, ahead of unparsed bytes.
-                    let mut rest = BytesMut::from(&first[..]);
+                Flow::Tunnel { first, .. } => {
+                    // Whatever the client pipelined after the tunnelling
+                    // command goes through the tunnel's own gate, ahead of
+                    // the bytes not parsed yet.
+                    let mut rest = BytesMut::new();
                     if let Some((next_start, _)) = parsed.get(i + 1) {
                         rest.extend_from_slice(&chunk[*next_start..]);
                     }
                     rest.extend_from_slice(buf);
                     buf.clear();
-                    return Flow::Tunnel {
-                        first: rest.freeze(),
-                    };
+                    return Flow::Tunnel { first, rest };
                 }
                 Flow::Stop => return Flow::Stop,
             }
@@ -1128,7 +1132,10 @@ where
             }
             Class::Tunnel => {
                 self.wait_drained().await;
-                return Flow::Tunnel { first: raw };
+                return Flow::Tunnel {
+                    first: raw,
+                    rest: BytesMut::new(),
+                };
             }
             Class::Local(l) => return self.local(l, idx, args, raw).await,
         }
@@ -1174,11 +1181,35 @@ where
                     {
                         self.resp3 = v == 3;
                     }
+                    // Proxy credentials (checked by the gate) never go upstream.
+                    let raw = match args.iter().position(|a| a.eq_ignore_ascii_case(b"AUTH")) {
+                        Some(at) if self.shared.auth.enabled() && at >= 2 => {
+                            let kept: Vec<&Bytes> = args[..at]
+                                .iter()
+                                .chain(args.get(at + 3..).unwrap_or_default())
+                                .collect();
+                            let mut b = BytesMut::new();
+                            resp::encode_command(&kept, &mut b);
+                            b.freeze()
+                        }
+                        _ => raw,
+                    };
                     self.forward(raw, vec![idx as u16], Post::None).await;
                     return Flow::Continue;
                 }
                 match self.hello(args, &mut out) {
                     HelloOutcome::Done => {}
+                    HelloOutcome::SetName(name) => {
+                        // The client sees the local HELLO reply in place of
+                        // SETNAME's +OK.
+                        if self.pin().await {
+                            let mut b = BytesMut::new();
+                            resp::encode_command(&[&b"CLIENT"[..], b"SETNAME", &name], &mut b);
+                            let post = Post::Replace(out.freeze());
+                            self.forward(b.freeze(), vec![idx as u16], post).await;
+                        }
+                        return Flow::Continue;
+                    }
                     HelloOutcome::NeedsUpstream => {
                         if self.pin().await {
                             if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
@@ -1466,6 +1497,7 @@ where
             }
         }
         let mut i = 2;
+        let mut name = None;
         while i < args.len() {
             let opt = args[i].to_ascii_uppercase();
             let more = args.len() - i - 1;
@@ -1475,7 +1507,17 @@ where
                 i += 3;
                 continue;
             } else if opt == b"SETNAME" && more >= 1 && self.shared.auth.enabled() {
-                // Not forwarded either: the HELLO carries proxy credentials.
+                // The HELLO carries proxy credentials, so the name goes up
+                // as CLIENT SETNAME; checked here because HELLO must fail
+                // whole, as in Redis, when the name is refused.
+                if args[i + 1].iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
+                    resp::error(
+                        out,
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    );
+                    return HelloOutcome::Done;
+                }
+                name = Some(args[i + 1].clone());
                 i += 2;
                 continue;
             } else if opt == b"AUTH" && more >= 2 {
@@ -1525,12 +1567,15 @@ where
         resp::bulk(out, b"master");
         resp::bulk(out, b"modules");
         resp::array_header(out, 0);
-        HelloOutcome::Done
+        match name {
+            Some(n) if !self.is_local() => HelloOutcome::SetName(n),
+            _ => HelloOutcome::Done,
+        }
     }
 
-    /// Bytes both ways between the client and a dedicated upstream
-    /// connection until either side closes.
-    async fn tunnel<R: AsyncRead + Unpin>(mut self, mut crd: R, first: Bytes) {
+    /// The rest of the session's life on a dedicated upstream connection
+    /// (src/tunnel.rs).
+    async fn tunnel<R: AsyncRead + Unpin>(mut self, crd: R, first: Bytes, rest: BytesMut) {
         self.wait_drained().await;
         let mut cwr = self.wr;
         let up = match self.pinned.take() {
@@ -1555,18 +1600,7 @@ where
         if up.w.write_all(&first).await.is_err() {
             return;
         }
-        let shutdown = self.shared.shutdown.clone();
-        // Either side closing ends the tunnel (Redis closes a subscriber's
-        // connection the same way).
-        tokio::select! {
-            r = tokio::io::copy(&mut crd, &mut up.w) => {
-                if let Ok(n) = r { self.shared.metrics.bytes(n as usize, 0); }
-            }
-            r = tokio::io::copy(&mut up.r, &mut cwr) => {
-                if let Ok(n) = r { self.shared.metrics.bytes(0, n as usize); }
-            }
-            _ = shutdown.cancelled() => {}
-        }
+        crate::tunnel::run(&self.shared, &mut self.auth, (crd, cwr), (up.r, up.w), rest).await;
     }
 }
 
@@ -1641,7 +1675,7 @@ fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]
 
 /// Local writes invalidate at once, before they are forwarded, so the
 /// writer reads its own write and a fill already in flight is discarded.
-fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
+pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
     match id.map(command::name) {
         Some("FLUSHALL") | Some("FLUSHDB") => l1.flush(),
         _ => {
@@ -1662,4 +1696,6 @@ static GET_ID: std::sync::LazyLock<Option<usize>> =
 enum HelloOutcome {
     Done,
     NeedsUpstream,
+    /// Answered locally (proxy credentials), but the name goes upstream.
+    SetName(Bytes),
 }

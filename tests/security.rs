@@ -447,7 +447,7 @@ fn auth_matrix() {
         &["PROXY", "CONFIG", "RELOAD"],
         &["PROXY", "L1", "FLUSH"],
         &["PROXY", "SECURITY"],
-        &["SUBSCRIBE", "ch"],
+        &["MONITOR"],
     ] {
         let got = cmd(&mut c.s, admin_cmd);
         assert!(got.starts_with("-NOPERM"), "{admin_cmd:?}: {got}");
@@ -518,8 +518,26 @@ fn auth_matrix() {
         b"SETNAME",
         b"x",
     ]));
-    let first = read_line(&mut a.s).unwrap();
-    assert!(first.starts_with('%'), "{first}");
+    let first = String::from_utf8_lossy(&a.read_reply()).into_owned();
+    assert!(first.starts_with("%7\r\n$6\r\nserver"), "{first}");
+    // SETNAME reached Redis (as CLIENT SETNAME) though the HELLO did not.
+    a.send(&cmd_bytes(&[b"CLIENT", b"GETNAME"]));
+    assert_eq!(a.read_reply(), b"$1\r\nx\r\n");
+    a.send(&cmd_bytes(&[b"CLIENT", b"INFO"]));
+    assert!(String::from_utf8_lossy(&a.read_reply()).contains(" name=x "));
+    a.send(&cmd_bytes(&[
+        b"HELLO",
+        b"3",
+        b"AUTH",
+        b"admin",
+        b"admin-pw",
+        b"SETNAME",
+        b"a b",
+    ]));
+    assert_eq!(
+        a.read_reply(),
+        b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+    );
     let mut a2 = p.raw();
     assert_eq!(
         cmd(&mut a2.s, &["HELLO", "3", "AUTH", "admin", "bad"]),
@@ -797,4 +815,128 @@ fn refused_command_inside_multi_aborts_the_transaction() {
     let mut direct = r.conn();
     let v: Option<String> = redis::cmd("GET").arg("k").query(&mut direct).unwrap();
     assert_eq!(v, None);
+}
+
+/// One command, one whole reply frame, as text.
+fn rq(c: &mut Raw, args: &[&str]) -> String {
+    let a: Vec<&[u8]> = args.iter().map(|x| x.as_bytes()).collect();
+    c.send(&cmd_bytes(&a));
+    String::from_utf8_lossy(&c.read_reply()).into_owned()
+}
+
+/// A subscribed connection is a tunnel to its own upstream connection, but
+/// the gate still applies to everything sent on it: in RESP3 any command
+/// may follow SUBSCRIBE, in RESP2 any after the last UNSUBSCRIBE.
+#[test]
+fn tunnel_keeps_the_gate() {
+    let r = RedisServer::start();
+    let p = Proxy::start_config(&users_conf(), &["--upstream", &r.url()], &[]);
+
+    // readwrite, RESP2: subscribe, receive, and the refusals stay in order.
+    let mut c = p.raw();
+    assert_eq!(rq(&mut c, &["AUTH", "rw-pw"]), "+OK\r\n");
+    // FLUSHALL pipelined in the same write as SUBSCRIBE.
+    let mut both = cmd_bytes(&[b"SUBSCRIBE", b"ch"]);
+    both.extend(cmd_bytes(&[b"FLUSHALL"]));
+    both.extend(cmd_bytes(&[b"PING", b"x"]));
+    c.send(&both);
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_reply()),
+        "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    );
+    assert!(String::from_utf8_lossy(&c.read_reply()).starts_with("-NOPERM User default"));
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_reply()),
+        "*2\r\n$4\r\npong\r\n$1\r\nx\r\n"
+    );
+    let mut pubr = p.raw();
+    assert_eq!(rq(&mut pubr, &["AUTH", "rw-pw"]), "+OK\r\n");
+    assert_eq!(rq(&mut pubr, &["PUBLISH", "ch", "hello"]), ":1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_reply()),
+        "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
+    );
+    // Back in normal mode on the same connection: still gated.
+    assert_eq!(
+        rq(&mut c, &["UNSUBSCRIBE"]),
+        "*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n"
+    );
+    assert!(rq(&mut c, &["FLUSHALL"]).starts_with("-NOPERM"));
+    assert!(rq(&mut c, &["CONFIG", "SET", "maxmemory", "1"]).starts_with("-NOPERM"));
+    assert_eq!(rq(&mut c, &["SET", "k", "v"]), "+OK\r\n");
+    assert_eq!(rq(&mut c, &["GET", "k"]), "$1\r\nv\r\n");
+    // AUTH inside the tunnel is the proxy's, never Redis'.
+    assert!(rq(&mut c, &["AUTH", "ro", "wrong"]).starts_with("-WRONGPASS"));
+    assert_eq!(rq(&mut c, &["AUTH", "ro", "ro-pw"]), "+OK\r\n");
+    assert!(rq(&mut c, &["SET", "k", "w"]).starts_with("-NOPERM User ro"));
+    // RESET logs out, as in Redis.
+    assert_eq!(rq(&mut c, &["RESET"]), "+RESET\r\n");
+    assert!(rq(&mut c, &["GET", "k"]).starts_with("-NOAUTH"));
+    assert_eq!(r.calls("flushall"), 0);
+    assert_eq!(r.calls("auth"), 0);
+    assert_eq!(r.calls("config|set"), 0);
+
+    // readonly: may subscribe, may not publish.
+    let mut ro = p.raw();
+    assert_eq!(rq(&mut ro, &["AUTH", "ro", "ro-pw"]), "+OK\r\n");
+    assert!(rq(&mut ro, &["PUBLISH", "ch", "x"]).starts_with("-NOPERM User ro"));
+    assert!(rq(&mut ro, &["SUBSCRIBE", "ch"]).starts_with("*3"));
+    assert!(rq(&mut ro, &["MONITOR"]).starts_with("-NOPERM"));
+
+    // A tenant's key prefixes confine channels too.
+    let mut t = p.raw();
+    assert_eq!(rq(&mut t, &["AUTH", "tenant", "tenant-pw"]), "+OK\r\n");
+    for bad in [
+        &["SUBSCRIBE", "other"][..],
+        &["SUBSCRIBE", "__keyspace@0__:a"],
+        &["PSUBSCRIBE", "*"],
+        &["PSUBSCRIBE", "t*"],
+        &["PUBLISH", "other", "x"],
+        &["PUBSUB", "CHANNELS"],
+        &["CLIENT", "TRACKING", "ON", "BCAST"],
+        &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a"],
+        &["MONITOR"],
+    ] {
+        let got = rq(&mut t, bad);
+        assert!(got.starts_with("-NOPERM"), "{bad:?}: {got}");
+    }
+    assert_eq!(rq(&mut t, &["PUBLISH", "t1:ch", "x"]), ":0\r\n");
+    assert_eq!(rq(&mut t, &["PUBSUB", "CHANNELS", "t1:*"]), "*0\r\n");
+    assert!(rq(&mut t, &["PSUBSCRIBE", "t1:*"]).starts_with("*3\r\n$10\r\npsubscribe"));
+    assert!(rq(&mut t, &["SUBSCRIBE", "other"]).starts_with("-NOPERM"));
+
+    // RESP3: any command may follow SUBSCRIBE; each still passes the gate.
+    let mut r3 = p.raw();
+    r3.send(&cmd_bytes(&[
+        b"HELLO",
+        b"3",
+        b"AUTH",
+        b"tenant",
+        b"tenant-pw",
+    ]));
+    assert!(r3.read_reply().starts_with(b"%"));
+    assert_eq!(rq(&mut r3, &["SET", "t1:k", "v3"]), "+OK\r\n");
+    assert!(rq(&mut r3, &["SUBSCRIBE", "t1:news"]).starts_with(">3"));
+    assert_eq!(rq(&mut r3, &["GET", "t1:k"]), "$2\r\nv3\r\n");
+    assert!(rq(&mut r3, &["GET", "a"]).starts_with("-NOPERM No permissions to access a key"));
+    assert!(rq(&mut r3, &["HELLO", "2"]).starts_with("-ERR HELLO is not available"));
+    // r3 and the tenant's t1:* pattern.
+    assert_eq!(rq(&mut pubr, &["PUBLISH", "t1:news", "n"]), ":2\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&r3.read_reply()),
+        ">3\r\n$7\r\nmessage\r\n$7\r\nt1:news\r\n$1\r\nn\r\n"
+    );
+
+    // Garbage in a tunnel: the protocol error, in order, then close.
+    let mut g = p.raw();
+    assert_eq!(rq(&mut g, &["AUTH", "rw-pw"]), "+OK\r\n");
+    assert!(rq(&mut g, &["SUBSCRIBE", "ch"]).starts_with("*3"));
+    g.send(b"*1\r\n$4\r\nPING\r\n*1\r\n$x\r\n");
+    let rest = String::from_utf8_lossy(&g.read_to_close()).into_owned();
+    assert!(
+        rest.starts_with("*2\r\n$4\r\npong\r\n$0\r\n\r\n-ERR Protocol error"),
+        "{rest}"
+    );
+    // Everyone else carries on.
+    assert_eq!(rq(&mut pubr, &["PING"]), "+PONG\r\n");
 }

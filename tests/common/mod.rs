@@ -310,6 +310,8 @@ pub fn http_get(port: u16, path: &str) -> String {
 /// A raw socket for exact-bytes tests.
 pub struct Raw {
     pub s: TcpStream,
+    /// Bytes read past the last reply `read_reply` returned.
+    left: Vec<u8>,
 }
 
 impl Raw {
@@ -318,7 +320,10 @@ impl Raw {
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         s.set_write_timeout(Some(TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
-        Raw { s }
+        Raw {
+            s,
+            left: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, b: &[u8]) {
@@ -337,7 +342,9 @@ impl Raw {
 
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut got = vec![0u8; n];
-        let mut off = 0;
+        let mut off = self.left.len().min(n);
+        got[..off].copy_from_slice(&self.left[..off]);
+        self.left.drain(..off);
         while off < n {
             match self.s.read(&mut got[off..]) {
                 Ok(0) => panic!(
@@ -354,14 +361,15 @@ impl Raw {
         got
     }
 
-    /// Reads exactly one reply frame (found with respite's own scanner).
+    /// Reads exactly one reply frame (found with respite's own scanner);
+    /// what follows it is kept for the next read.
     pub fn read_reply(&mut self) -> Vec<u8> {
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.left);
         let mut sc = respite::resp::FrameScanner::new();
         let mut chunk = vec![0u8; 1 << 16];
         loop {
             if let Some(end) = sc.next_frame(&buf).unwrap() {
-                assert_eq!(end, buf.len(), "extra bytes after one reply");
+                self.left = buf.split_off(end);
                 return buf;
             }
             let n = self.s.read(&mut chunk).expect("reply within timeout");
@@ -376,7 +384,7 @@ impl Raw {
 
     /// Reads until the peer closes (or the timeout), returning everything.
     pub fn read_to_close(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.left);
         let _ = self.s.read_to_end(&mut out);
         out
     }

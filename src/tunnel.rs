@@ -1,0 +1,289 @@
+//! The tunnel: a session that issued a push-style command (SUBSCRIBE,
+//! MONITOR, CLIENT TRACKING/REPLY) talks to its own upstream connection
+//! from then on, because replies stop being one-per-request.
+//!
+//! Requests still go through the proxy's rules on the way up: the auth gate
+//! (a readwrite user may subscribe, but a RESP3 subscriber can send any
+//! command, and a RESP2 one is back in normal mode after its last
+//! UNSUBSCRIBE), and L1 invalidation of the keys it writes. A refused
+//! request cannot simply be answered locally: its reply has to take its
+//! place among Redis' replies and pushes. So it is replaced upstream by
+//! `PING <marker>` with an unguessable marker, and the downward direction
+//! swaps the echo of that marker for the refusal. Redis' own ordering does
+//! the rest. Without proxy users nothing is ever swapped and the downward
+//! direction stays a plain byte copy.
+
+use crate::auth::{ClientAuth, Verdict};
+use crate::command::{self, Args, Class, Local};
+use crate::resp::{self, FrameScanner, Parse};
+use crate::server::Shared;
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+/// The reply that replaces the echo of one marker.
+struct Swap {
+    /// `$n\r\n<marker>\r\n`: what PING answers outside RESP2 pub/sub mode.
+    echo: Bytes,
+    reply: Bytes,
+    /// Close the client after the reply (protocol errors, as Redis does).
+    close: bool,
+}
+
+impl Swap {
+    fn matches(&self, frame: &[u8]) -> bool {
+        // A RESP2 subscriber's PING answers `*2 pong <arg>`.
+        const PONG: &[u8] = b"*2\r\n$4\r\npong\r\n";
+        frame == &self.echo[..]
+            || (frame.len() == PONG.len() + self.echo.len()
+                && frame.starts_with(PONG)
+                && frame[PONG.len()..] == self.echo[..])
+    }
+}
+
+/// Both directions until either side closes (Redis closes a subscriber's
+/// connection the same way). `first` has been checked and sent already.
+pub async fn run<CR, CW, UR, UW>(
+    shared: &Shared,
+    auth: &mut ClientAuth,
+    client: (CR, CW),
+    upstream: (UR, UW),
+    rest: BytesMut,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let (crd, mut cwr) = client;
+    let (mut urd, uwr) = upstream;
+    let (tx, rx) = unbounded_channel();
+    let up = upward(shared, auth, crd, rest, uwr, tx);
+    let gated = shared.auth.enabled();
+    let down = async {
+        if gated {
+            downward(shared, &mut urd, &mut cwr, rx).await;
+        } else if let Ok(n) = tokio::io::copy(&mut urd, &mut cwr).await {
+            shared.metrics.bytes(0, n as usize);
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+}
+
+async fn upward<CR, UW>(
+    shared: &Shared,
+    auth: &mut ClientAuth,
+    mut crd: CR,
+    mut buf: BytesMut,
+    mut uwr: UW,
+    tx: UnboundedSender<Swap>,
+) where
+    CR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let gated = shared.auth.enabled();
+    let tag: u64 = rand::random();
+    let mut seq = 0u64;
+    let mut out = BytesMut::new();
+    loop {
+        let limits = shared.rt.limits();
+        let mut off = 0;
+        let mut fatal = false;
+        loop {
+            match resp::parse_request(&buf[off..], &limits) {
+                Ok(Parse::Complete(p)) => {
+                    let raw = &buf[off..off + p.len];
+                    off += p.len;
+                    if p.args.is_empty() {
+                        continue;
+                    }
+                    let inline: Vec<Bytes> = if p.inline {
+                        p.args
+                            .iter()
+                            .map(|r| resp::inline_arg(&raw[r.clone()]))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let view;
+                    let args: &dyn Args = if p.inline {
+                        &inline
+                    } else {
+                        view = command::RawArgs {
+                            buf: raw,
+                            ranges: &p.args,
+                        };
+                        &view
+                    };
+                    let id = command::lookup(args);
+                    let class = command::classify(args, id);
+                    let verdict = if gated {
+                        match auth.check(&shared.auth, args, id, class) {
+                            // Proxy credentials never go upstream; the pushes
+                            // of this connection keep their protocol.
+                            Verdict::Allow if class == Class::Local(Local::Hello) => {
+                                Verdict::Reply {
+                                    reply: resp::error_bytes(
+                                        "ERR HELLO is not available on a subscribed connection through respite",
+                                    ),
+                                    delay: std::time::Duration::ZERO,
+                                }
+                            }
+                            v => v,
+                        }
+                    } else {
+                        Verdict::Allow
+                    };
+                    match verdict {
+                        Verdict::Allow => {
+                            if let Some(l1) = &shared.l1
+                                && id.is_some_and(command::may_write)
+                            {
+                                crate::session::invalidate_writes(l1, args, id);
+                            }
+                            if p.inline {
+                                resp::encode_command(&inline, &mut out);
+                            } else {
+                                out.extend_from_slice(raw);
+                            }
+                        }
+                        Verdict::Reply { reply, delay } => {
+                            if !delay.is_zero() {
+                                if flush(&mut uwr, &mut out, shared).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(delay).await;
+                            }
+                            seq += 1;
+                            swap(&tx, &mut out, tag, seq, reply, false);
+                        }
+                    }
+                }
+                Ok(Parse::Incomplete { .. }) => break,
+                Err(e) => {
+                    shared.metrics.error("protocol");
+                    seq += 1;
+                    swap(&tx, &mut out, tag, seq, resp::error_bytes(&e.0), true);
+                    fatal = true;
+                    break;
+                }
+            }
+        }
+        buf.advance(off);
+        if flush(&mut uwr, &mut out, shared).await.is_err() {
+            return;
+        }
+        if fatal {
+            // The downward direction delivers the error in order, then closes.
+            std::future::pending::<()>().await;
+        }
+        match crd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Queues the swap, then the PING that Redis will echo in its place.
+fn swap(
+    tx: &UnboundedSender<Swap>,
+    out: &mut BytesMut,
+    tag: u64,
+    seq: u64,
+    reply: Bytes,
+    close: bool,
+) {
+    let marker = format!("respite-swap-{tag:016x}-{seq}");
+    let mut echo = BytesMut::new();
+    resp::bulk(&mut echo, marker.as_bytes());
+    let _ = tx.send(Swap {
+        echo: echo.freeze(),
+        reply,
+        close,
+    });
+    resp::encode_command(&[&b"PING"[..], marker.as_bytes()], out);
+}
+
+async fn flush<UW: AsyncWrite + Unpin>(
+    uwr: &mut UW,
+    out: &mut BytesMut,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    uwr.write_all(out).await?;
+    shared.metrics.bytes(out.len(), 0);
+    out.clear();
+    Ok(())
+}
+
+/// Forwards Redis' frames, swapping marker echoes for their replies.
+async fn downward<UR, CW>(
+    shared: &Shared,
+    urd: &mut UR,
+    cwr: &mut CW,
+    mut rx: UnboundedReceiver<Swap>,
+) where
+    UR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut sc = FrameScanner::new();
+    let mut pending: VecDeque<Swap> = VecDeque::new();
+    loop {
+        match urd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut close = false;
+        loop {
+            match sc.next_frame(&buf) {
+                Ok(Some(end)) => {
+                    let frame = buf.split_to(end);
+                    sc.reset();
+                    while let Ok(s) = rx.try_recv() {
+                        pending.push_back(s);
+                    }
+                    if pending.front().is_some_and(|s| s.matches(&frame)) {
+                        let s = pending.pop_front().expect("front checked");
+                        out.extend_from_slice(&s.reply);
+                        if s.close {
+                            close = true;
+                            break;
+                        }
+                    } else {
+                        out.extend_from_slice(&frame);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Redis does not send what the scanner rejects; pass it
+                    // on rather than guess, and stop swapping.
+                    tracing::warn!(error = %e.0, "unparsable upstream frame in a tunnel");
+                    out.extend_from_slice(&buf);
+                    buf.clear();
+                    close = true;
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            if cwr.write_all(&out).await.is_err() {
+                return;
+            }
+            shared.metrics.bytes(0, out.len());
+            out.clear();
+        }
+        if close {
+            let _ = cwr.shutdown().await;
+            return;
+        }
+    }
+}
