@@ -7,11 +7,14 @@
 //! command, and a RESP2 one is back in normal mode after its last
 //! UNSUBSCRIBE), and L1 invalidation of the keys it writes. A refused
 //! request cannot simply be answered locally: its reply has to take its
-//! place among Redis' replies and pushes. So it is replaced upstream by
-//! `PING <marker>` with an unguessable marker, and the downward direction
-//! swaps the echo of that marker for the refusal. Redis' own ordering does
-//! the rest. Without proxy users nothing is ever swapped and the downward
-//! direction stays a plain byte copy.
+//! place among Redis' replies and pushes. So it is replaced upstream by a
+//! command named by an unguessable marker, and the downward direction swaps
+//! Redis' "unknown command '<marker>'" error for the refusal. Redis' own
+//! ordering does the rest, in every context: RESP2 pub/sub mode checks the
+//! command name first, and inside MULTI an unknown command dooms the
+//! transaction (EXECABORT), as an ACL refusal does in Redis. Without proxy
+//! users nothing is ever swapped and the downward direction stays a plain
+//! byte copy.
 
 use crate::auth::{ClientAuth, Verdict};
 use crate::command::{self, Args, Class, Local};
@@ -22,24 +25,16 @@ use std::collections::VecDeque;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-/// The reply that replaces the echo of one marker.
+/// How Redis' error for a marker command begins.
+const UNKNOWN: &[u8] = b"-ERR unknown command 'respite-swap-";
+
+/// The reply that replaces Redis' error for one marker command.
 struct Swap {
-    /// `$n\r\n<marker>\r\n`: what PING answers outside RESP2 pub/sub mode.
+    /// `-ERR unknown command '<marker>'`, the start of that error.
     echo: Bytes,
     reply: Bytes,
     /// Close the client after the reply (protocol errors, as Redis does).
     close: bool,
-}
-
-impl Swap {
-    fn matches(&self, frame: &[u8]) -> bool {
-        // A RESP2 subscriber's PING answers `*2 pong <arg>`.
-        const PONG: &[u8] = b"*2\r\n$4\r\npong\r\n";
-        frame == &self.echo[..]
-            || (frame.len() == PONG.len() + self.echo.len()
-                && frame.starts_with(PONG)
-                && frame[PONG.len()..] == self.echo[..])
-    }
 }
 
 /// Both directions until either side closes (Redis closes a subscriber's
@@ -189,7 +184,7 @@ async fn upward<CR, UW>(
     }
 }
 
-/// Queues the swap, then the PING that Redis will echo in its place.
+/// Queues the swap, then the marker command Redis will refuse in its place.
 fn swap(
     tx: &UnboundedSender<Swap>,
     out: &mut BytesMut,
@@ -199,14 +194,12 @@ fn swap(
     close: bool,
 ) {
     let marker = format!("respite-swap-{tag:016x}-{seq}");
-    let mut echo = BytesMut::new();
-    resp::bulk(&mut echo, marker.as_bytes());
     let _ = tx.send(Swap {
-        echo: echo.freeze(),
+        echo: Bytes::from(format!("-ERR unknown command '{marker}'")),
         reply,
         close,
     });
-    resp::encode_command(&[&b"PING"[..], marker.as_bytes()], out);
+    resp::encode_command(&[marker.as_bytes()], out);
 }
 
 async fn flush<UW: AsyncWrite + Unpin>(
@@ -248,11 +241,21 @@ async fn downward<UR, CW>(
                 Ok(Some(end)) => {
                     let frame = buf.split_to(end);
                     sc.reset();
-                    while let Ok(s) = rx.try_recv() {
-                        pending.push_back(s);
-                    }
-                    if pending.front().is_some_and(|s| s.matches(&frame)) {
-                        let s = pending.pop_front().expect("front checked");
+                    let found = if frame.starts_with(UNKNOWN) {
+                        while let Ok(s) = rx.try_recv() {
+                            pending.push_back(s);
+                        }
+                        // Markers older than this one were never answered
+                        // (CLIENT REPLY OFF/SKIP): their refusals are
+                        // dropped as Redis would have dropped the reply.
+                        pending
+                            .iter()
+                            .position(|s| frame.starts_with(&s.echo))
+                            .and_then(|at| pending.drain(..=at).last())
+                    } else {
+                        None
+                    };
+                    if let Some(s) = found {
                         out.extend_from_slice(&s.reply);
                         if s.close {
                             close = true;

@@ -844,7 +844,8 @@ fn tunnel_keeps_the_gate() {
         String::from_utf8_lossy(&c.read_reply()),
         "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
     );
-    assert!(String::from_utf8_lossy(&c.read_reply()).starts_with("-NOPERM User default"));
+    let got = String::from_utf8_lossy(&c.read_reply()).into_owned();
+    assert!(got.starts_with("-NOPERM User default"), "{got}");
     assert_eq!(
         String::from_utf8_lossy(&c.read_reply()),
         "*2\r\n$4\r\npong\r\n$1\r\nx\r\n"
@@ -920,6 +921,23 @@ fn tunnel_keeps_the_gate() {
     assert_eq!(rq(&mut r3, &["GET", "t1:k"]), "$2\r\nv3\r\n");
     assert!(rq(&mut r3, &["GET", "a"]).starts_with("-NOPERM No permissions to access a key"));
     assert!(rq(&mut r3, &["HELLO", "2"]).starts_with("-ERR HELLO is not available"));
+    // A refusal inside MULTI dooms the transaction, as in Redis.
+    assert_eq!(rq(&mut r3, &["MULTI"]), "+OK\r\n");
+    assert_eq!(rq(&mut r3, &["SET", "t1:m", "1"]), "+QUEUED\r\n");
+    assert!(rq(&mut r3, &["GET", "a"]).starts_with("-NOPERM"));
+    assert!(rq(&mut r3, &["EXEC"]).starts_with("-EXECABORT"));
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("t1:m")
+        .query(&mut r.conn())
+        .unwrap();
+    assert_eq!(exists, 0);
+    // CLIENT REPLY OFF silences refusals too; they resume with ON.
+    let mut quiet = cmd_bytes(&[b"CLIENT", b"REPLY", b"OFF"]);
+    quiet.extend(cmd_bytes(&[b"GET", b"a"]));
+    quiet.extend(cmd_bytes(&[b"CLIENT", b"REPLY", b"ON"]));
+    r3.send(&quiet);
+    assert_eq!(r3.read_reply(), b"+OK\r\n");
+    assert!(rq(&mut r3, &["GET", "a"]).starts_with("-NOPERM"));
     // r3 and the tenant's t1:* pattern.
     assert_eq!(rq(&mut pubr, &["PUBLISH", "t1:news", "n"]), ":2\r\n");
     assert_eq!(
