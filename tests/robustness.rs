@@ -659,3 +659,64 @@ fn redis_py_suite_regressions() {
         .query(&mut c)
         .unwrap();
 }
+
+/// First run without Redis: no upstream configured anywhere and nothing at
+/// the default address means local mode; an explicitly configured upstream
+/// never falls back. The machine (and CI) may run a Redis on 6379, so this
+/// runs respite in a network namespace of its own, whose loopback has none.
+#[test]
+fn auto_local_mode_only_without_configured_upstream() {
+    let probe = std::process::Command::new("unshare")
+        .args(["-rn", "true"])
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        eprintln!("SKIPPED: `unshare -rn` (user + network namespace) is not available here");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_respite");
+    // One shell inside the namespace: start respite, wait for it, talk to
+    // it with redis-cli, stop it. `timeout` bounds every step.
+    let script = format!(
+        r#"
+ip link set lo up || exit 90
+run() {{
+  timeout 20 {bin} --listen 127.0.0.1:7000 --metrics-listen 127.0.0.1:0 "$@" >/tmp/respite-auto-$$.log 2>&1 &
+  pid=$!
+  for i in $(seq 1 100); do timeout 2 redis-cli -p 7000 PING >/dev/null 2>&1 && break; sleep 0.05; done
+}}
+stop() {{ kill $pid; wait $pid; echo "--- log"; cat /tmp/respite-auto-$$.log; rm -f /tmp/respite-auto-$$.log; }}
+run
+echo "SET: $(timeout 5 redis-cli -p 7000 SET k v)"
+echo "GET: $(timeout 5 redis-cli -p 7000 GET k)"
+echo "LPUSH: $(timeout 5 redis-cli -p 7000 LPUSH l x)"
+stop
+echo "=== explicit"
+run --upstream redis://127.0.0.1:6379
+echo "SET2: $(timeout 5 redis-cli -p 7000 SET k v)"
+stop
+"#
+    );
+    let out = std::process::Command::new("timeout")
+        .args(["60", "unshare", "-rn", "sh", "-c", &script])
+        // A RESPITE_UPSTREAM_URL in the environment would configure one.
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("RESPITE_")))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let (auto, explicit) = text.split_once("=== explicit").expect(&text);
+    assert!(auto.contains("SET: OK"), "{text}");
+    assert!(auto.contains("GET: v"), "{text}");
+    assert!(
+        auto.contains("LPUSH: ERR") && auto.contains("local fallback mode"),
+        "{text}"
+    );
+    assert!(
+        auto.contains("NO REDIS at") && auto.contains("IN-PROCESS"),
+        "{text}"
+    );
+    // Configured upstream: errors, never the local store.
+    assert!(explicit.contains("SET2: TRYAGAIN"), "{text}");
+    assert!(!explicit.contains("IN-PROCESS"), "{text}");
+}
