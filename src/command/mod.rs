@@ -113,6 +113,21 @@ static INDEX: LazyLock<HashMap<&'static [u8], usize, FnvBuild>> = LazyLock::new(
         .collect()
 });
 
+/// Ids of the container commands (CLIENT, CONFIG, ...): only these are
+/// worth a second lookup with their subcommand. Without it every GET paid
+/// for hashing and missing "GET|<key>".
+static HAS_SUB: LazyLock<Vec<bool>> = LazyLock::new(|| {
+    let mut v = vec![false; table::SPECS.len()];
+    for s in table::SPECS.iter() {
+        if let Some((parent, _)) = s.name.split_once('|')
+            && let Some(&i) = INDEX.get(parent.as_bytes())
+        {
+            v[i] = true;
+        }
+    }
+    v
+});
+
 /// Number of rows in the table; command ids are `0..count()`, and
 /// `count()` itself stands for "unknown command".
 pub fn count() -> usize {
@@ -185,6 +200,9 @@ pub fn lookup<A: Args + ?Sized>(args: &A) -> Option<usize> {
     let mut buf = [0u8; 48];
     let name = upper(args.arg(0)?, &mut buf)?;
     let id = *INDEX.get(name)?;
+    if !HAS_SUB[id] {
+        return Some(id);
+    }
     if let Some(sub) = args.arg(1) {
         let n = name.len();
         if n + 1 + sub.len() <= 48 {
