@@ -94,6 +94,8 @@ enum Out {
         ids: Vec<u16>,
         start: Instant,
         post: Post,
+        /// Carries a command that may write (see `writes_in_flight`).
+        writes: bool,
     },
     /// Error replies for `count` commands that never reached Redis.
     Failed {
@@ -132,6 +134,14 @@ pub struct Session<W> {
     run_decode: Option<Vec<cz::Decode>>,
     /// Inside MULTI on the pinned connection (for the auth gate).
     in_multi: bool,
+    /// Queued slots that carry a write, and whether the pending batch has
+    /// one: an L1 fill travels on another connection than the session's
+    /// earlier commands, so it may only start when none of them can change
+    /// what it reads (the client must read its own writes). Earlier reads
+    /// in flight do not matter: they may be reordered with the fill just as
+    /// an L1 hit is, within the invalidation window.
+    writes_in_flight: usize,
+    run_writes: bool,
 }
 
 enum Flow {
@@ -183,6 +193,8 @@ where
         tx_queue: cz::Tx::default(),
         in_multi: false,
         run_decode: None,
+        writes_in_flight: 0,
+        run_writes: false,
     };
     // One long-lived future per signal: re-creating them on every read would
     // cost a registration each time.
@@ -393,10 +405,8 @@ where
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
             if let (Some(l1), false) = (&l1, p.inline) {
                 if id == *GET_ID && p.args.len() == 2 && self.pinned.is_none() {
-                    // Only a session with nothing in flight may fill: a fill
-                    // travels on a tracking connection, not the session's own.
-                    let idle = run.is_none() && self.queue.is_empty();
-                    match l1.lookup(view.arg(1).unwrap_or_default(), idle) {
+                    let may_fill = !self.run_writes && self.writes_in_flight == 0;
+                    match l1.lookup(view.arg(1).unwrap_or_default(), may_fill) {
                         Lookup::Hit(frame) => {
                             self.flush_run(&chunk, &mut run).await;
                             self.shared.metrics.command(
@@ -408,6 +418,9 @@ where
                             continue;
                         }
                         Lookup::Fill(token) => {
+                            // Replies keep request order: the batch so far
+                            // takes its slot first.
+                            self.flush_run(&chunk, &mut run).await;
                             let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
                             let raw = chunk.slice(*start..*start + p.len);
                             self.fill(key, token, raw).await;
@@ -458,6 +471,7 @@ where
             {
                 let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
                 r.2.push(id.unwrap_or(command::count()) as u16);
+                self.run_writes |= id.is_none_or(command::may_write);
                 r.1 = *start + p.len;
                 if dec != cz::Decode::None || self.run_decode.is_some() {
                     let before = r.2.len() - 1;
@@ -661,7 +675,11 @@ where
                 ids,
                 start,
                 post,
+                writes,
             } => {
+                if writes {
+                    self.writes_in_flight -= 1;
+                }
                 let res = match res {
                     Some(r) => r,
                     None => {
@@ -737,6 +755,7 @@ where
 
     async fn flush_run(&mut self, chunk: &Bytes, run: &mut Run) {
         if let Some((s, e, ids)) = run.take() {
+            self.run_writes = false;
             let post = match self.run_decode.take() {
                 Some(v) => Post::Decode(cz::Decode::Seq(v)),
                 None => Post::None,
@@ -1033,6 +1052,7 @@ where
                     ids,
                     start: Instant::now(),
                     post,
+                    writes: false,
                 })
                 .await
             }
@@ -1052,12 +1072,18 @@ where
             .and_then(|c| c.send(data, count, Some(self.out.clone())));
         match sent {
             Ok(rx) => {
+                // Unknown (module) commands count as writes.
+                let writes = ids
+                    .iter()
+                    .any(|&i| (i as usize) >= command::count() || command::may_write(i as usize));
+                self.writes_in_flight += writes as usize;
                 self.push(Out::Up {
                     rx,
                     count,
                     ids,
                     start: Instant::now(),
                     post,
+                    writes,
                 })
                 .await
             }

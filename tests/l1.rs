@@ -413,3 +413,55 @@ fn mget_serves_hits_and_fetches_only_misses() {
     r.send(&cmd_bytes(&[b"MGET", b"a", b"zz"]));
     r.expect(b"*2\r\n$1\r\n1\r\n_\r\n");
 }
+
+/// A pipeline of reads fills L1 too (only writes in flight hold fills
+/// back), and its replies keep request order.
+#[test]
+fn pipelined_reads_fill_and_keep_order() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    for i in 0..40 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("pf{i}"))
+            .arg(format!("v{i}"))
+            .query(&mut direct)
+            .unwrap();
+    }
+    let mut c = proxy.conn();
+    let read_all = |c: &mut redis::Connection| {
+        let mut p = redis::pipe();
+        for i in 0..40 {
+            p.cmd("GET").arg(format!("pf{i}"));
+            // Interleaved non-cacheable reads take batch slots between fills.
+            p.cmd("STRLEN").arg(format!("pf{i}"));
+        }
+        let got: Vec<redis::Value> = p.query(c).unwrap();
+        for i in 0..40 {
+            assert_eq!(
+                got[2 * i],
+                redis::Value::BulkString(format!("v{i}").into_bytes()),
+                "reply {i} out of order"
+            );
+            assert_eq!(
+                got[2 * i + 1],
+                redis::Value::Int(format!("v{i}").len() as i64)
+            );
+        }
+    };
+    read_all(&mut c);
+    let before = redis.calls("get");
+    read_all(&mut c);
+    assert_eq!(redis.calls("get"), before, "second pipeline reached Redis");
+    // A write earlier in the pipeline holds the fill back, and the GET after
+    // it reads the write.
+    let (_, v): ((), String) = redis::pipe()
+        .cmd("SET")
+        .arg("pf0")
+        .arg("new")
+        .cmd("GET")
+        .arg("pf0")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, "new");
+}
