@@ -17,10 +17,15 @@ fn setup(n: usize, size: usize) -> std::sync::Arc<L1> {
     })
     .unwrap();
     let frame = Bytes::from(format!("${size}\r\n{}\r\n", "v".repeat(size)));
+    let out = std::sync::Arc::new(respite::upstream::OutBytes::default());
     for i in 0..n {
         let key = format!("key:{i:06}");
-        if let Lookup::Fill(t) = l1.lookup(key.as_bytes(), true) {
-            l1.complete(&Bytes::from(key), t, Some(&frame), -1);
+        if let Lookup::Fill(t, _) = l1.lookup(key.as_bytes(), &out) {
+            let outcome = Ok(respite::upstream::Reply {
+                data: frame.clone(),
+                errors: 0,
+            });
+            l1.complete(&Bytes::from(key), t, Some(&frame), -1, outcome);
         }
     }
     l1
@@ -29,6 +34,7 @@ fn setup(n: usize, size: usize) -> std::sync::Arc<L1> {
 fn hit(c: &mut Criterion) {
     let mut g = c.benchmark_group("l1_hit");
     g.throughput(Throughput::Elements(1));
+    let out = std::sync::Arc::new(respite::upstream::OutBytes::default());
     for size in [100usize, 4096] {
         let l1 = setup(10_000, size);
         g.bench_function(format!("lookup_{size}b"), |b| {
@@ -36,7 +42,7 @@ fn hit(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 7919) % 10_000;
                 let key = format!("key:{i:06}");
-                matches!(l1.lookup(black_box(key.as_bytes()), true), Lookup::Hit(_))
+                matches!(l1.lookup(black_box(key.as_bytes()), &out), Lookup::Hit(_))
             })
         });
         let reqs: Vec<Vec<u8>> = (0..10_000)
@@ -61,7 +67,7 @@ fn hit(c: &mut Criterion) {
                 let id = command::lookup(&view);
                 let _ = command::classify(&view, id);
                 use respite::command::Args;
-                matches!(l1.lookup(view.arg(1).unwrap(), true), Lookup::Hit(_))
+                matches!(l1.lookup(view.arg(1).unwrap(), &out), Lookup::Hit(_))
             })
         });
     }

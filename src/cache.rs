@@ -65,10 +65,30 @@ struct Pending {
 /// before completing it; it no longer blocks new fills.
 const STALE_PENDING: Duration = Duration::from_secs(30);
 
+/// Sessions waiting for the outcome of one fill: its reply to GET (a RESP3
+/// frame as the tracking connection read it, decoded) or the error.
+pub type FillResult = Result<crate::upstream::Reply, crate::upstream::UpError>;
+pub type FillRx = tokio::sync::oneshot::Receiver<FillResult>;
+/// A waiter, and the output account of its client: a reply that arrived
+/// but is not written yet counts against the client's output cap, as an
+/// upstream reply does.
+type FillTx = (
+    tokio::sync::oneshot::Sender<FillResult>,
+    Arc<crate::upstream::OutBytes>,
+);
+
 pub struct L1 {
     pub mode: L1Mode,
     cache: moka::sync::Cache<Bytes, Entry>,
     pending: DashMap<Bytes, Pending>,
+    /// Waiters by fill token. Registered only under the key's marker lock
+    /// while the marker holds that token, and drained by `complete` after
+    /// the marker is gone, so no waiter is ever left behind. They live
+    /// apart from the marker because an invalidation removes the marker
+    /// (the value must not be installed) while the waiters still get it:
+    /// they asked before that invalidation arrived, which is what makes a
+    /// hit valid too.
+    waiters: DashMap<u64, Vec<FillTx>>,
     next_token: AtomicU64,
     /// Tokens issued before this value belong to fills started before the
     /// last flush.
@@ -88,9 +108,13 @@ pub struct L1 {
 /// What a GET should do.
 pub enum Lookup {
     Hit(Bytes),
-    /// Read through the tracking connection and install with this token.
-    Fill(u64),
-    /// Read without filling (L1 off, not valid, value too large before, ...).
+    /// Read through the tracking connection and install with this token;
+    /// the outcome arrives on the receiver, as for every waiter.
+    Fill(u64, FillRx),
+    /// A fill of this key is in flight: its outcome arrives here
+    /// (concurrent misses coalesce into one upstream read).
+    Wait(FillRx),
+    /// Read without filling (L1 off, not valid, ...).
     Bypass,
 }
 
@@ -121,6 +145,7 @@ impl L1 {
             mode: cfg.mode,
             cache,
             pending: DashMap::new(),
+            waiters: DashMap::new(),
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
             valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
@@ -133,10 +158,9 @@ impl L1 {
         }))
     }
 
-    /// Looks a key up for a GET. `idle` tells whether the session has nothing
-    /// in flight: only then may a fill start, because a fill travels on
-    /// another connection than the session's earlier commands.
-    pub fn lookup(&self, key: &[u8], idle: bool) -> Lookup {
+    /// Looks a key up for a GET. The caller makes sure no write of its
+    /// session is in flight (a fill or a wait would not see that write).
+    pub fn lookup(&self, key: &[u8], out: &Arc<crate::upstream::OutBytes>) -> Lookup {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return Lookup::Bypass;
         }
@@ -145,30 +169,26 @@ impl L1 {
             return Lookup::Hit(e.frame);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        if !idle {
-            return Lookup::Bypass;
-        }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = (tx, out.clone());
         match self.pending.entry(Bytes::copy_from_slice(key)) {
-            dashmap::Entry::Occupied(mut o) if o.get().since.elapsed() > STALE_PENDING => {
-                o.insert(Pending {
-                    token,
-                    since: Instant::now(),
-                });
-                Lookup::Fill(token)
-            }
-            dashmap::Entry::Occupied(_) => {
-                // Another fill of this key is in flight: this read goes
-                // upstream without installing, so only one fill races.
+            dashmap::Entry::Occupied(o) if o.get().since.elapsed() <= STALE_PENDING => {
+                // Registered while the marker's lock is held (see `waiters`).
+                self.waiters.entry(o.get().token).or_default().push(tx);
                 self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                Lookup::Bypass
+                Lookup::Wait(rx)
             }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Pending {
+            e => {
+                // A stale marker's fill never completed; a new one replaces it.
+                // The entry holds the lock: nobody can wait on this token
+                // before its waiter list exists.
+                let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+                self.waiters.insert(token, vec![tx]);
+                e.insert(Pending {
                     token,
                     since: Instant::now(),
                 });
-                Lookup::Fill(token)
+                Lookup::Fill(token, rx)
             }
         }
     }
@@ -200,10 +220,34 @@ impl L1 {
         }
     }
 
-    /// Completes a fill. `pttl` is the key's remaining time in ms as read
-    /// atomically with the value (-1: no expiry, -2: missing). Returns
-    /// whether the value was installed.
-    pub fn complete(&self, key: &Bytes, token: u64, frame: Option<&Bytes>, pttl: i64) -> bool {
+    /// Completes a fill: installs `frame` if still valid, then hands
+    /// `outcome` to every waiter. `pttl` is the key's remaining time in ms
+    /// as read atomically with the value (-1: no expiry, -2: missing).
+    /// Returns whether the value was installed.
+    pub fn complete(
+        &self,
+        key: &Bytes,
+        token: u64,
+        frame: Option<&Bytes>,
+        pttl: i64,
+        outcome: FillResult,
+    ) -> bool {
+        let installed = self.install(key, token, frame, pttl);
+        // After the marker is gone: no new waiter can join this token.
+        if let Some((_, ws)) = self.waiters.remove(&token) {
+            for (w, out) in ws {
+                if let Ok(r) = &outcome {
+                    out.add(r.data.len());
+                }
+                if let Err(Ok(r)) = w.send(outcome.clone()) {
+                    out.sub(r.data.len());
+                }
+            }
+        }
+        installed
+    }
+
+    fn install(&self, key: &Bytes, token: u64, frame: Option<&Bytes>, pttl: i64) -> bool {
         // The install happens while the pending marker's shard lock is held:
         // an invalidation removes the marker first (waiting for that lock),
         // then the entry, so it either voids this fill or removes what it
@@ -415,56 +459,75 @@ mod tests {
         L1::new(&cfg).unwrap()
     }
 
+    fn out() -> Arc<crate::upstream::OutBytes> {
+        Arc::new(crate::upstream::OutBytes::default())
+    }
+
+    fn ok() -> FillResult {
+        Ok(crate::upstream::Reply {
+            data: Bytes::from_static(b"$1\r\nv\r\n"),
+            errors: 0,
+        })
+    }
+
     #[test]
     fn fill_then_hit_then_invalidate() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
             panic!()
         };
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
-        assert!(l.complete(&k, t, Some(&frame), -1));
-        assert!(matches!(l.lookup(b"k", true), Lookup::Hit(f) if f == frame));
+        assert!(l.complete(&k, t, Some(&frame), -1, ok()));
+        assert!(matches!(l.lookup(b"k", &out()), Lookup::Hit(f) if f == frame));
         l.invalidate(b"k");
-        assert!(matches!(l.lookup(b"k", false), Lookup::Bypass));
+        assert!(l.peek(b"k").is_none());
     }
 
     #[test]
     fn invalidation_during_fill_discards_it() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
             panic!()
         };
-        // A second miss while the fill is in flight does not start another.
-        assert!(matches!(l.lookup(b"k", true), Lookup::Bypass));
+        // A second miss while the fill is in flight waits for it.
+        let Lookup::Wait(mut rx) = l.lookup(b"k", &out()) else {
+            panic!()
+        };
         l.invalidate(b"k");
-        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nold\r\n")), -1));
+        let old = Bytes::from_static(b"$1\r\nold\r\n");
+        let outcome = Ok(crate::upstream::Reply {
+            data: old.clone(),
+            errors: 0,
+        });
+        assert!(!l.complete(&k, t, Some(&old), -1, outcome));
+        // Not installed, but the waiter asked before the invalidation
+        // arrived, so it gets the value, as a hit would have.
+        assert_eq!(rx.try_recv().unwrap().unwrap().data, old);
+        assert!(l.waiters.is_empty());
         assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 1);
-        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
             panic!()
         };
         l.flush();
-        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nx\r\n")), -1));
+        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nx\r\n")), -1, ok()));
     }
 
     #[test]
     fn ttl_follows_redis_and_missing_keys_are_not_cached() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
             panic!()
         };
-        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), 30));
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), 30, ok()));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(
-            !matches!(l.lookup(b"k", false), Lookup::Hit(_)),
-            "outlived its PTTL"
-        );
-        let Lookup::Fill(t) = l.lookup(b"k", true) else {
+        assert!(l.peek(b"k").is_none(), "outlived its PTTL");
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
             panic!()
         };
-        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2));
+        assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2, ok()));
     }
 
     #[test]
@@ -476,27 +539,27 @@ mod tests {
             ..L1Config::default()
         };
         let l = L1::new(&cfg).unwrap();
-        assert!(matches!(l.lookup(b"user:1", true), Lookup::Fill(_)));
-        assert!(matches!(l.lookup(b"other", true), Lookup::Bypass));
-        assert!(matches!(l.lookup(b"user:secret:x", true), Lookup::Bypass));
+        assert!(matches!(l.lookup(b"user:1", &out()), Lookup::Fill(..)));
+        assert!(matches!(l.lookup(b"other", &out()), Lookup::Bypass));
+        assert!(matches!(l.lookup(b"user:secret:x", &out()), Lookup::Bypass));
     }
 
     #[test]
     fn pushes() {
         let l = l1();
         let k = Bytes::from_static(b"a");
-        let Lookup::Fill(t) = l.lookup(b"a", true) else {
+        let Lookup::Fill(t, _) = l.lookup(b"a", &out()) else {
             panic!()
         };
-        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1));
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));
         l.on_push(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n");
-        assert!(!matches!(l.lookup(b"a", false), Lookup::Hit(_)));
-        let Lookup::Fill(t) = l.lookup(b"a", true) else {
+        assert!(l.peek(b"a").is_none());
+        let Lookup::Fill(t, _) = l.lookup(b"a", &out()) else {
             panic!()
         };
-        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1));
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));
         l.on_push(b">2\r\n$10\r\ninvalidate\r\n_\r\n");
-        assert!(!matches!(l.lookup(b"a", false), Lookup::Hit(_)));
+        assert!(l.peek(b"a").is_none());
     }
 
     #[test]

@@ -37,11 +37,9 @@ enum Post {
     Info,
     /// Count an AI.* outcome from the reply (hit/miss, set, deleted keys).
     Ai(AiPost),
-    /// The reply to `MULTI; PTTL k; GET k; EXEC` on a tracking connection:
-    /// install the value in L1 and hand the client only the GET reply.
-    Fill {
-        key: Bytes,
-        token: u64,
+    /// The outcome of an L1 fill (src/cache.rs `FillResult`): a GET reply
+    /// as a RESP3 connection read it, for a client speaking `resp3` or not.
+    Waited {
         resp3: bool,
     },
     /// An MGET of the keys L1 missed: merge its elements into the slots
@@ -403,10 +401,14 @@ where
                 continue;
             }
             self.entry.commands.fetch_add(1, Ordering::Relaxed);
+            // While a write of this session is in flight, L1 is not used
+            // at all: a hit, fill or wait could miss that write (another
+            // session's fill may have read the key just before it), and a
+            // client must read its own writes.
+            let l1_usable = !self.run_writes && self.writes_in_flight == 0 && self.pinned.is_none();
             if let (Some(l1), false) = (&l1, p.inline) {
-                if id == *GET_ID && p.args.len() == 2 && self.pinned.is_none() {
-                    let may_fill = !self.run_writes && self.writes_in_flight == 0;
-                    match l1.lookup(view.arg(1).unwrap_or_default(), may_fill) {
+                if id == *GET_ID && p.args.len() == 2 && l1_usable {
+                    match l1.lookup(view.arg(1).unwrap_or_default(), &self.out) {
                         Lookup::Hit(frame) => {
                             self.flush_run(&chunk, &mut run).await;
                             self.shared.metrics.command(
@@ -417,18 +419,28 @@ where
                             self.reply(frame).await;
                             continue;
                         }
-                        Lookup::Fill(token) => {
+                        Lookup::Fill(token, rx) => {
                             // Replies keep request order: the batch so far
                             // takes its slot first.
                             self.flush_run(&chunk, &mut run).await;
                             let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
-                            let raw = chunk.slice(*start..*start + p.len);
-                            self.fill(key, token, raw).await;
+                            if self.start_fill(key, token) {
+                                self.wait_fill(rx).await;
+                            } else {
+                                let raw = chunk.slice(*start..*start + p.len);
+                                let ids = vec![GET_ID.unwrap_or(0) as u16];
+                                self.forward(raw, ids, Post::None).await;
+                            }
+                            continue;
+                        }
+                        Lookup::Wait(rx) => {
+                            self.flush_run(&chunk, &mut run).await;
+                            self.wait_fill(rx).await;
                             continue;
                         }
                         Lookup::Bypass => {}
                     }
-                } else if id == *MGET_ID && p.args.len() > 2 && self.pinned.is_none() {
+                } else if id == *MGET_ID && p.args.len() > 2 && l1_usable {
                     // Hits are served from L1; only the missing keys go upstream.
                     let slots: Vec<Option<Bytes>> = (1..p.args.len())
                         .map(|i| l1.peek(view.arg(i).unwrap_or_default()))
@@ -708,8 +720,12 @@ where
                                 p.record(&reply.data, &metrics.ai);
                                 reply.data
                             }
-                            Post::Fill { key, token, resp3 } => {
-                                fill_reply(&self.shared, &key, token, resp3, &reply.data)
+                            Post::Waited { resp3 } => {
+                                if !resp3 && reply.data.starts_with(b"_") {
+                                    Bytes::from_static(b"$-1\r\n")
+                                } else {
+                                    reply.data
+                                }
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
                             Post::Replace(b) => b,
@@ -729,10 +745,6 @@ where
                         self.out.sub(n);
                     }
                     Err(err) => {
-                        if let (Post::Fill { key, token, .. }, Some(l1)) = (&post, &self.shared.l1)
-                        {
-                            l1.complete(key, *token, None, -2);
-                        }
                         for id in &ids {
                             metrics.command(*id as usize, true, Some(elapsed));
                         }
@@ -1021,46 +1033,51 @@ where
         Ok(c)
     }
 
-    /// A GET miss that fills L1: the value and its PTTL are read atomically
-    /// on the tracking connection that owns this key.
-    async fn fill(&mut self, key: Bytes, token: u64, raw: Bytes) {
+    /// Starts the L1 fill of a GET miss: the value and its PTTL are read
+    /// atomically on the tracking connection that owns this key, by a task
+    /// of its own, so the waiters of the fill are answered even if this
+    /// client goes away. False (waiters answered with an error) when that
+    /// connection is missing: the caller reads the key itself.
+    fn start_fill(&mut self, key: Bytes, token: u64) -> bool {
         let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
-            return;
+            return false;
         };
         let Some(conn) = up.tracking(&key) else {
-            l1.complete(&key, token, None, -2);
-            self.forward(raw, vec![GET_ID.unwrap_or(0) as u16], Post::None)
-                .await;
-            return;
+            let err = UpError::Unavailable("L1 tracking connection missing".into());
+            l1.complete(&key, token, None, -2, Err(err));
+            return false;
         };
         let mut b = BytesMut::with_capacity(64 + 2 * key.len());
         resp::encode_command(&[b"MULTI".as_slice()], &mut b);
         resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
         resp::encode_command(&[b"GET".as_slice(), &key], &mut b);
         resp::encode_command(&[b"EXEC".as_slice()], &mut b);
-        let post = Post::Fill {
-            key: key.clone(),
-            token,
-            resp3: self.resp3,
-        };
-        match conn.send(b.freeze(), 4, Some(self.out.clone())) {
+        match conn.send(b.freeze(), 4, None) {
             Ok(rx) => {
-                let ids = vec![GET_ID.unwrap_or(0) as u16];
-                self.push(Out::Up {
-                    rx,
-                    count: 1,
-                    ids,
-                    start: Instant::now(),
-                    post,
-                    writes: false,
-                })
-                .await
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    let r = rx.await.unwrap_or(Err(UpError::Lost));
+                    finish_fill(&shared, &key, token, r);
+                });
             }
             Err(err) => {
-                l1.complete(&key, token, None, -2);
-                self.push(Out::Failed { err, count: 1 }).await
+                l1.complete(&key, token, None, -2, Err(err));
             }
         }
+        true
+    }
+
+    /// Queues the reply slot of a GET answered by a fill.
+    async fn wait_fill(&mut self, rx: crate::cache::FillRx) {
+        self.push(Out::Up {
+            rx,
+            count: 1,
+            ids: vec![GET_ID.unwrap_or(0) as u16],
+            start: Instant::now(),
+            post: Post::Waited { resp3: self.resp3 },
+            writes: false,
+        })
+        .await
     }
 
     /// Sends raw commands upstream and queues their reply slot.
@@ -1659,9 +1676,24 @@ fn merge_mget(slots: Vec<Option<Bytes>>, data: Bytes) -> Bytes {
 }
 
 /// Installs a fill and returns the GET reply as this client must see it.
-fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]) -> Bytes {
-    let l1 = shared.l1.as_ref();
-    match crate::cache::split_fill_reply(data) {
+/// Installs a fill's value (if still valid) and answers its waiters.
+fn finish_fill(
+    shared: &Shared,
+    key: &Bytes,
+    token: u64,
+    r: Result<crate::upstream::Reply, UpError>,
+) {
+    let Some(l1) = shared.l1.as_ref() else {
+        return;
+    };
+    let reply = match r {
+        Ok(reply) => reply,
+        Err(e) => {
+            l1.complete(key, token, None, -2, Err(e));
+            return;
+        }
+    };
+    let (pttl, frame) = match crate::cache::split_fill_reply(&reply.data) {
         Ok((pttl, frame)) => {
             // L1 holds what clients see (decoded). Measured (release, this
             // 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a decode
@@ -1680,23 +1712,16 @@ fn fill_reply(shared: &Shared, key: &Bytes, token: u64, resp3: bool, data: &[u8]
             } else {
                 frame
             };
-            let value = frame.first() == Some(&b'$') && !frame.starts_with(b"$-1");
-            if let Some(l1) = l1 {
-                l1.complete(key, token, value.then_some(&frame), pttl);
-            }
-            if !resp3 && frame.starts_with(b"_") {
-                Bytes::from_static(b"$-1\r\n")
-            } else {
-                frame
-            }
+            (pttl, frame)
         }
-        Err(frame) => {
-            if let Some(l1) = l1 {
-                l1.complete(key, token, None, -2);
-            }
-            frame
-        }
-    }
+        Err(frame) => (-2, frame),
+    };
+    let value = frame.first() == Some(&b'$') && !frame.starts_with(b"$-1");
+    let outcome = Ok(crate::upstream::Reply {
+        errors: (frame.first() == Some(&b'-')) as u64,
+        data: frame.clone(),
+    });
+    l1.complete(key, token, value.then_some(&frame), pttl, outcome);
 }
 
 /// Local writes invalidate at once, before they are forwarded, so the

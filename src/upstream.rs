@@ -64,7 +64,7 @@ impl UpError {
 
 /// The replies to one batch: the raw frames, back to back, plus a bit per
 /// frame (first 64) telling whether it was an error, for metrics.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Reply {
     pub data: Bytes,
     pub errors: u64,

@@ -465,3 +465,51 @@ fn pipelined_reads_fill_and_keep_order() {
         .unwrap();
     assert_eq!(v, "new");
 }
+
+/// Concurrent misses on one key coalesce into one upstream read: while
+/// Redis is busy (DEBUG SLEEP), twenty clients miss the same key; Redis
+/// sees one GET and every client gets the value.
+#[test]
+fn concurrent_misses_coalesce_into_one_read() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("cold")
+        .arg("v")
+        .query(&mut direct)
+        .unwrap();
+    // Warm the proxy's connections so only the GETs are in flight below.
+    let mut warm = proxy.conn();
+    let _: () = redis::cmd("PING").query(&mut warm).unwrap();
+    let conns: Vec<redis::Connection> = (0..20).map(|_| proxy.conn()).collect();
+    let before = redis.calls("get");
+    let sleeper = std::thread::spawn(move || {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("1")
+            .query(&mut direct)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Connected beforehand, so all twenty GETs arrive while Redis sleeps.
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let v: String = redis::cmd("GET").arg("cold").query(&mut c).unwrap();
+                v
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), "v");
+    }
+    sleeper.join().unwrap();
+    assert_eq!(redis.calls("get") - before, 1, "misses were not coalesced");
+    assert!(l1_stat(&mut warm, "coalesced_misses") >= 19);
+    // The fill installed the value: the next read is a hit.
+    let v: String = redis::cmd("GET").arg("cold").query(&mut warm).unwrap();
+    assert_eq!(v, "v");
+    assert_eq!(redis.calls("get") - before, 1);
+}
