@@ -39,7 +39,9 @@
 //!     SETRANGE with an empty value, which Redis also leaves alone) run on
 //!     temporary decoded copies that the script creates and deletes around
 //!     the command. The key read is never written: a WATCH on it holds, no
-//!     keyspace event fires for it, it stays compressed.
+//!     keyspace event fires for it, it stays compressed. STRLEN and HSTRLEN
+//!     outside MULTI need no copy: the reply is the decoded length of the
+//!     frame the first script run reported ([`length_only`]).
 //!   - **Writers** rewrite each key uncompressed (`SET … KEEPTTL` / `HSET`,
 //!     so TTLs stay) and run the command on it. Keys a writer touched stay
 //!     uncompressed until rewritten. A value the command leaves beginning
@@ -722,6 +724,14 @@ pub fn arity_ok(id: usize, args: &[Bytes]) -> bool {
         Some(s) => args.len() >= (-s.arity) as usize,
         None => false,
     }
+}
+
+/// STRLEN and HSTRLEN (arity already checked): on a compressed value the
+/// reply is its decoded length, which the proxy knows once it decoded the
+/// frame the script reported.
+pub fn length_only(cmd: &[Bytes]) -> bool {
+    cmd.first()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"STRLEN") || c.eq_ignore_ascii_case(b"HSTRLEN"))
 }
 
 /// A key (or hash field) a byte-level command reads.

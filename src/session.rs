@@ -936,6 +936,21 @@ where
                     }
                 }
             }
+            // The reply is the length of the one value the script just read
+            // atomically: no copy in Redis needed, so this also works where
+            // Redis refuses writes (OOM, read-only replica).
+            if cz::length_only(cmd)
+                && let [e] = expect.as_slice()
+            {
+                self.shared
+                    .metrics
+                    .compression
+                    .emulated
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut b = BytesMut::new();
+                resp::int(&mut b, e.value.len() as i64);
+                return b.freeze();
+            }
         }
         resp::error_bytes("ERR respite: value kept changing concurrently, try again")
     }

@@ -969,3 +969,33 @@ fn multi_byte_commands_see_queued_writes() {
         "{want:?}"
     );
 }
+
+/// STRLEN and HSTRLEN of a compressed value are answered from the frame the
+/// script read, without a temporary copy, so they work when Redis refuses
+/// writes (here: out of memory with `noeviction`).
+#[test]
+fn lengths_of_compressed_values_need_no_write() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut d = Raw::connect(redis.port);
+    let mut p = proxy.raw();
+    let v = b"0123456789".repeat(300);
+    let send = |r: &mut Raw, args: &[&[u8]]| {
+        r.send(&cmd_bytes(args));
+        r.read_reply()
+    };
+    assert_eq!(send(&mut p, &[b"SET", b"k", &v]), b"+OK\r\n");
+    assert_eq!(send(&mut p, &[b"HSET", b"h", b"f", &v]), b":1\r\n");
+    for c in [
+        &[&b"CONFIG"[..], b"SET", b"maxmemory-policy", b"noeviction"][..],
+        &[b"CONFIG", b"SET", b"maxmemory", b"1"],
+    ] {
+        assert_eq!(send(&mut d, c), b"+OK\r\n");
+    }
+    assert!(send(&mut d, &[b"SET", b"x", b"1"]).starts_with(b"-OOM"));
+    assert_eq!(send(&mut p, &[b"STRLEN", b"k"]), b":3000\r\n");
+    assert_eq!(send(&mut p, &[b"HSTRLEN", b"h", b"f"]), b":3000\r\n");
+    assert_eq!(send(&mut p, &[b"HSTRLEN", b"h", b"nope"]), b":0\r\n");
+    assert_eq!(send(&mut p, &[b"STRLEN", b"missing"]), b":0\r\n");
+    assert!(send(&mut p, &[b"STRLEN", b"h"]).starts_with(b"-WRONGTYPE"));
+}
