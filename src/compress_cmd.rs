@@ -27,17 +27,26 @@
 //!   compressed the script runs the original command (`redis.pcall`, so
 //!   errors are Redis' own) and its reply is the client's. When one is, the
 //!   script changes nothing and returns the stored frames; the proxy decodes
-//!   them and runs the script again with those frames as expectations: the
-//!   script then rewrites each key uncompressed (`SET … KEEPTTL` / `HSET`,
-//!   so TTLs stay) only if it still holds exactly that frame, and runs the
-//!   command in the same atomic step. A concurrent change makes it report
-//!   again and the proxy retries. This gives Redis' exact answer for every
-//!   such command (it runs on the real bytes, in Redis) and stays atomic
-//!   against other clients without WATCH or a dedicated connection. Keys a
-//!   byte-level command touched stay uncompressed until rewritten. A value
-//!   the command leaves beginning with the magic (APPEND, SETRANGE, BITOP …
-//!   can build one) is wrapped in a raw frame in the same step, so it reads
-//!   back as it is.
+//!   them and runs the script again with those frames as expectations. If
+//!   the keys still hold exactly those frames, the command runs on the plain
+//!   values in the same atomic step (otherwise the script reports again and
+//!   the proxy retries), so the answer is Redis' own for the plain value and
+//!   is atomic against other clients without WATCH or a dedicated
+//!   connection. How the plain value is put in front of the command depends
+//!   on whether the command writes ([`read_only`]):
+//!   - **Readers** (STRLEN, GETRANGE, SUBSTR, GETBIT, BITCOUNT, BITPOS,
+//!     BITFIELD_RO, LCS, HSTRLEN, and BITFIELD with only GET/OVERFLOW,
+//!     SETRANGE with an empty value, which Redis also leaves alone) run on
+//!     temporary decoded copies that the script creates and deletes around
+//!     the command. The key read is never written: a WATCH on it holds, no
+//!     keyspace event fires for it, it stays compressed. STRLEN and HSTRLEN
+//!     outside MULTI need no copy: the reply is the decoded length of the
+//!     frame the first script run reported ([`length_only`]).
+//!   - **Writers** rewrite each key uncompressed (`SET … KEEPTTL` / `HSET`,
+//!     so TTLs stay) and run the command on it. Keys a writer touched stay
+//!     uncompressed until rewritten. A value the command leaves beginning
+//!     with the magic (APPEND, SETRANGE, BITOP … can build one) is wrapped
+//!     in a raw frame in the same step, so it reads back as it is.
 //! * **INCR, INCRBY, DECR, DECRBY, HINCRBY** with `min_bytes` > 20 are
 //!   forwarded unchanged: a frame decodes to a value of at least `min_bytes`
 //!   bytes or one beginning with the magic, and Redis never reads either as an
@@ -45,9 +54,11 @@
 //!   the stored bytes is exactly its error on the decoded value, and on an
 //!   unmarked value the command is the command.
 //! * **Inside MULTI** a byte-level command cannot wait for a script's answer
-//!   (it is only queued): the proxy first rewrites the keys it reads
-//!   uncompressed (the same script, without a command, on a shared
-//!   connection), then queues the original command.
+//!   (it is only queued): the proxy reads the frames its keys hold when it
+//!   is queued (on a shared connection) and queues the script with those,
+//!   and the frames that writes queued before it in the transaction store
+//!   ([`Tx::written`]), as expectations. A key that holds none of them at
+//!   EXEC makes that element an error.
 //!
 //! Scripts (EVAL/FCALL), DUMP/RESTORE, OBJECT, MEMORY USAGE, SORT … BY/GET
 //! and the like see the stored bytes (docs/compression-format.md).
@@ -196,6 +207,26 @@ pub fn kind(id: Option<usize>) -> Kind {
 pub struct Tx {
     pub multi: bool,
     pub queued: Vec<Decode>,
+    /// Frames that writes queued so far will store: a byte-level command
+    /// queued after them finds these, not what the keys hold at queue time.
+    pub written: Vec<Written>,
+}
+
+/// A frame a write stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub key: Bytes,
+    pub field: Option<Bytes>,
+    pub stored: Bytes,
+    pub value: Bytes,
+}
+
+/// A frame [`SCRIPT`] may find in target `target`, and its decoded value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    pub target: usize,
+    pub stored: Bytes,
+    pub value: Bytes,
 }
 
 /// Compression counters (PROXY STATS, INFO, /metrics).
@@ -283,14 +314,14 @@ impl Policy<'_> {
     }
 }
 
-/// A write command re-encoded for storage, and how to decode its reply.
-/// `None` when the command goes upstream unchanged.
+/// A write command re-encoded for storage (`None` when it goes upstream
+/// unchanged), how to decode its reply, and the frames it stores.
 pub fn rewrite_write(
     w: Write,
     args: &[Bytes],
     policy: &Policy<'_>,
     stats: &Stats,
-) -> (Option<Vec<Bytes>>, Decode) {
+) -> (Option<Vec<Bytes>>, Decode, Vec<Written>) {
     let mut positions: Vec<(usize, usize)> = Vec::new(); // (key, value)
     let mut decode = Decode::None;
     match w {
@@ -325,12 +356,40 @@ pub fn rewrite_write(
         }
     }
     let mut out: Option<Vec<Bytes>> = None;
+    let mut written = Vec::new();
     for (k, v) in positions {
         if let Some(enc) = policy.encode(&args[k], &args[v], stats) {
+            written.push(Written {
+                key: args[k].clone(),
+                field: matches!(w, Write::Hset).then(|| args[v - 1].clone()),
+                stored: enc.clone(),
+                value: args[v].clone(),
+            });
             out.get_or_insert_with(|| args.to_vec())[v] = enc;
         }
     }
-    (out, decode)
+    (out, decode, written)
+}
+
+/// Adds to `expect` the frames that writes queued earlier in the
+/// transaction store in `targets`: when the command runs at EXEC, a target
+/// holds one of those or what the probe found (a conditional write such as
+/// SETNX may not have happened).
+pub fn expect_queued(tx: &Tx, targets: &[Target], expect: &mut Vec<Expect>) {
+    for (i, t) in targets.iter().enumerate() {
+        for w in &tx.written {
+            if w.key == t.key
+                && w.field == t.field
+                && !expect.iter().any(|e| e.target == i && e.stored == w.stored)
+            {
+                expect.push(Expect {
+                    target: i,
+                    stored: w.stored.clone(),
+                    value: w.value.clone(),
+                });
+            }
+        }
+    }
 }
 
 /// For a command on the pass-through batch path: `Some(action)` when it
@@ -667,23 +726,46 @@ pub fn arity_ok(id: usize, args: &[Bytes]) -> bool {
     }
 }
 
-/// What a byte-level command reads: `(key, Some(field))` for hash fields.
-pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<(Bytes, Option<Bytes>)> {
+/// STRLEN and HSTRLEN (arity already checked): on a compressed value the
+/// reply is its decoded length, which the proxy knows once it decoded the
+/// frame the script reported.
+pub fn length_only(cmd: &[Bytes]) -> bool {
+    cmd.first()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"STRLEN") || c.eq_ignore_ascii_case(b"HSTRLEN"))
+}
+
+/// A key (or hash field) a byte-level command reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub key: Bytes,
+    /// `Some(field)` for a hash field.
+    pub field: Option<Bytes>,
+    /// Where the key appears in the command (`LCS k k` names it twice).
+    pub at: Vec<usize>,
+}
+
+/// What a byte-level command reads.
+pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<Target> {
     match k {
-        Kind::HashBytes | Kind::HIncr => {
-            vec![(args[1].clone(), Some(args[2].clone()))]
-        }
+        Kind::HashBytes | Kind::HIncr => vec![Target {
+            key: args[1].clone(),
+            field: Some(args[2].clone()),
+            at: vec![1],
+        }],
         _ => {
-            let pos = command::key_positions(args, Some(id));
             // BITOP's destination is included: it is overwritten, and the
             // script frames it if the result begins with the magic. Each key
             // once, or the script would frame a value twice.
-            let mut out: Vec<(Bytes, Option<Bytes>)> = Vec::new();
-            for i in pos {
-                if let Some(a) = args.get(i)
-                    && !out.iter().any(|(k, _)| k == a)
-                {
-                    out.push((a.clone(), None));
+            let mut out: Vec<Target> = Vec::new();
+            for i in command::key_positions(args, Some(id)) {
+                let Some(a) = args.get(i) else { continue };
+                match out.iter_mut().find(|t| t.key == *a) {
+                    Some(t) => t.at.push(i),
+                    None => out.push(Target {
+                        key: a.clone(),
+                        field: None,
+                        at: vec![i],
+                    }),
                 }
             }
             out
@@ -691,36 +773,78 @@ pub fn targets(k: Kind, id: usize, args: &[Bytes]) -> Vec<(Bytes, Option<Bytes>)
     }
 }
 
-/// Checks the keys a command reads; rewrites those still holding the
-/// expected frame uncompressed; then runs the command (ARGV after the
-/// targets), all in one atomic step. Reports frames it did not expect.
+/// Whether a byte-level command leaves every key as it is, as Redis runs
+/// it: then the script answers it from temporary copies of the compressed
+/// values and never writes the keys it reads (see [`SCRIPT`]). Writers are
+/// recognised conservatively; a writer taken for a reader would lose its
+/// write, a reader taken for a writer only rewrites the key uncompressed.
+pub fn read_only(id: usize, args: &[Bytes]) -> bool {
+    match command::name(id) {
+        "STRLEN" | "GETRANGE" | "SUBSTR" | "GETBIT" | "BITCOUNT" | "BITPOS" | "BITFIELD_RO"
+        | "LCS" | "HSTRLEN" => true,
+        // Only GET (and OVERFLOW) subcommands: Redis changes nothing.
+        "BITFIELD" => !args
+            .iter()
+            .skip(2)
+            .any(|a| a.eq_ignore_ascii_case(b"SET") || a.eq_ignore_ascii_case(b"INCRBY")),
+        // Setting nothing returns the length and leaves the key alone.
+        "SETRANGE" => args.len() == 4 && args[3].is_empty(),
+        _ => false,
+    }
+}
+
+/// Checks the keys (hash fields) a byte-level command reads and runs the
+/// command on plain values, all in one atomic step; reports frames it did
+/// not expect, for the proxy to decode and send back as expectations.
+///
+/// ARGV: RESP version, number of targets, mode, number of expectations;
+/// three slots per target (`s`/`h`, hash field, the target's positions in
+/// the command); three per expectation (target number, frame, decoded
+/// value; a target may have several); then the command (none: only
+/// report). Every expectation pairs a frame with the value respite decoded
+/// from it or encoded into it.
+///
+/// Mode `r` (readers): each expected frame is copied, decoded, to a
+/// temporary key that the command then reads instead, and the copies are
+/// deleted before the script returns. Nobody else can observe them (a
+/// script is atomic), and the key read is never written, so WATCH,
+/// keyspace notifications and the stored frame are as for a plain read.
+/// The copies are not replicated or written to the AOF: their net effect is
+/// nothing. Mode `w` (writers): each expected frame is rewritten plain in
+/// place (TTL kept) and the command runs on it, which is a write anyway.
 pub const SCRIPT: &str = r#"
-local n = tonumber(ARGV[2])
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[4])
+local function slot(i) return 5 + (i - 1) * 3 end
+-- The decoded value of frame v when it is expected in target i.
+local function expected(i, v)
+  for e = 6 + n * 3, 3 + n * 3 + m * 3, 3 do
+    if tonumber(ARGV[e - 1]) == i and ARGV[e] == v then return ARGV[e + 1] end
+  end
+  return nil
+end
 -- The whole value of target i when it starts with the magic, else nil (a
 -- string is probed by its first 4 bytes before it is read whole).
 local function marked(i)
-  local o = 2 + (i - 1) * 4
+  local o = slot(i)
   local v
-  if ARGV[o + 1] == 'h' then
-    v = redis.pcall('HGET', KEYS[i], ARGV[o + 2])
+  if ARGV[o] == 'h' then
+    v = redis.pcall('HGET', KEYS[i], ARGV[o + 1])
   else
     v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
   end
   if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
-    if ARGV[o + 1] ~= 'h' then v = redis.call('GET', KEYS[i]) end
+    if ARGV[o] ~= 'h' then v = redis.call('GET', KEYS[i]) end
     return v
   end
   return nil
 end
 local found = {}
-local sets = {}
+local plain = {}
 for i = 1, n do
-  local o = 2 + (i - 1) * 4
   local v = marked(i)
   if v then
-    if ARGV[o + 3] ~= '' and v == ARGV[o + 3] then
-      table.insert(sets, i)
-    else
+    plain[i] = expected(i, v)
+    if not plain[i] then
       table.insert(found, i)
       table.insert(found, v)
     end
@@ -730,25 +854,66 @@ if #found > 0 then
   table.insert(found, 1, '\254RSP-RESPITE-CAS')
   return found
 end
-for _, i in ipairs(sets) do
-  local o = 2 + (i - 1) * 4
-  if ARGV[o + 1] == 'h' then
-    redis.call('HSET', KEYS[i], ARGV[o + 2], ARGV[o + 4])
-  else
-    redis.call('SET', KEYS[i], ARGV[o + 4], 'KEEPTTL')
-  end
-end
-local first = 3 + n * 4
+local first = 5 + n * 3 + m * 3
 if #ARGV < first then
   -- Without a command: report only (probe).
   return 1
+end
+if ARGV[3] == 'r' then
+  local cmd = {unpack(ARGV, first)}
+  local copies = {}
+  local err
+  if next(plain) then
+    -- Older servers that replicate scripts verbatim refuse this; the
+    -- replica then runs the same script, which is harmless.
+    pcall(redis.set_repl, redis.REPL_NONE)
+  end
+  for i, d in pairs(plain) do
+    local o = slot(i)
+    local t = KEYS[i] .. '\254RSP-respite-read'
+    while true do
+      local e = redis.pcall('EXISTS', t)
+      if type(e) ~= 'number' then err = e break end
+      if e == 0 then break end
+      t = t .. '~'
+    end
+    if err then break end
+    local r
+    if ARGV[o] == 'h' then
+      r = redis.pcall('HSET', t, ARGV[o + 1], d)
+    else
+      r = redis.pcall('SET', t, d)
+    end
+    -- Refused (OOM, ACL …): answer with Redis' error, leave nothing behind.
+    if type(r) == 'table' and r.err then err = r break end
+    table.insert(copies, t)
+    for p in string.gmatch(ARGV[o + 2], '%d+') do cmd[tonumber(p) + 1] = t end
+  end
+  local r = err
+  if not err then
+    if ARGV[1] == '3' then redis.setresp(3) end
+    r = redis.pcall(unpack(cmd))
+  end
+  for _, t in ipairs(copies) do
+    local d = redis.pcall('DEL', t)
+    if type(d) == 'table' and d.err then r = d end
+  end
+  return r
+end
+for i, d in pairs(plain) do
+  local o = slot(i)
+  if ARGV[o] == 'h' then
+    redis.call('HSET', KEYS[i], ARGV[o + 1], d)
+  else
+    redis.call('SET', KEYS[i], d, 'KEEPTTL')
+  end
 end
 if ARGV[1] == '3' then redis.setresp(3) end
 local r = redis.pcall(unpack(ARGV, first))
 -- A value the command left beginning with the magic is stored in a raw
 -- frame, so that it reads back as it is.
 for i = 1, n do
-  local o = 2 + (i - 1) * 4
+  local o = slot(i)
   local v = marked(i)
   if v then
     local len = #v
@@ -759,8 +924,8 @@ for i = 1, n do
       if len > 0 then b = b + 128 end
       table.insert(h, string.char(b))
     until len == 0
-    if ARGV[o + 1] == 'h' then
-      redis.call('HSET', KEYS[i], ARGV[o + 2], table.concat(h) .. v)
+    if ARGV[o] == 'h' then
+      redis.call('HSET', KEYS[i], ARGV[o + 1], table.concat(h) .. v)
     else
       redis.call('SET', KEYS[i], table.concat(h) .. v, 'KEEPTTL')
     end
@@ -771,35 +936,40 @@ return r
 
 const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
 
-/// One attempt: the `EVAL` arguments.
+/// One attempt: the `EVAL` arguments. `read` selects mode `r` of
+/// [`SCRIPT`] (see [`read_only`]).
 pub fn script_args(
-    targets: &[(Bytes, Option<Bytes>)],
-    expect: &[Option<(Bytes, Bytes)>],
+    targets: &[Target],
+    expect: &[Expect],
     resp3: bool,
+    read: bool,
     cmd: &[Bytes],
 ) -> Vec<Bytes> {
-    let mut a = Vec::with_capacity(4 + targets.len() * 5 + cmd.len());
+    let mut a = Vec::with_capacity(7 + targets.len() * 4 + expect.len() * 3 + cmd.len());
     a.push(Bytes::from_static(b"EVAL"));
     a.push(Bytes::from_static(SCRIPT.as_bytes()));
     a.push(Bytes::from(targets.len().to_string()));
-    for (k, _) in targets {
-        a.push(k.clone());
+    for t in targets {
+        a.push(t.key.clone());
     }
     a.push(Bytes::from_static(if resp3 { b"3" } else { b"2" }));
     a.push(Bytes::from(targets.len().to_string()));
-    for (i, (_, f)) in targets.iter().enumerate() {
-        a.push(Bytes::from_static(if f.is_some() { b"h" } else { b"s" }));
-        a.push(f.clone().unwrap_or_default());
-        match expect.get(i).and_then(|e| e.as_ref()) {
-            Some((stored, decoded)) => {
-                a.push(stored.clone());
-                a.push(decoded.clone());
-            }
-            None => {
-                a.push(Bytes::new());
-                a.push(Bytes::new());
-            }
-        }
+    a.push(Bytes::from_static(if read { b"r" } else { b"w" }));
+    a.push(Bytes::from(expect.len().to_string()));
+    for t in targets {
+        a.push(Bytes::from_static(if t.field.is_some() {
+            b"h"
+        } else {
+            b"s"
+        }));
+        a.push(t.field.clone().unwrap_or_default());
+        let at: Vec<String> = t.at.iter().map(|p| p.to_string()).collect();
+        a.push(Bytes::from(at.join(" ")));
+    }
+    for e in expect {
+        a.push(Bytes::from((e.target + 1).to_string()));
+        a.push(e.stored.clone());
+        a.push(e.value.clone());
     }
     a.extend(cmd.iter().cloned());
     a
@@ -888,6 +1058,96 @@ mod tests {
         );
         assert!(out.starts_with(b"*2\r\n-ERR respite: corrupt compressed value ("));
         assert!(out.ends_with(b"+OK\r\n"));
+    }
+
+    fn cmd(parts: &[&str]) -> (usize, Vec<Bytes>) {
+        let args: Vec<Bytes> = parts
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect();
+        (command::id_of(parts[0]).unwrap(), args)
+    }
+
+    #[test]
+    fn readers_and_writers() {
+        for (c, read) in [
+            (&["STRLEN", "k"][..], true),
+            (&["LCS", "a", "b", "IDX"], true),
+            (&["HSTRLEN", "h", "f"], true),
+            (
+                &["BITFIELD", "k", "GET", "u8", "0", "OVERFLOW", "SAT"],
+                true,
+            ),
+            (
+                &["BITFIELD", "k", "GET", "u8", "0", "incrby", "u8", "0", "1"],
+                false,
+            ),
+            (&["BITFIELD", "k", "set", "u8", "0", "1"], false),
+            (&["SETRANGE", "k", "5", ""], true),
+            (&["SETRANGE", "k", "5", "x"], false),
+            (&["APPEND", "k", ""], false),
+            (&["HINCRBYFLOAT", "h", "f", "1"], false),
+            (&["BITOP", "AND", "d", "a"], false),
+        ] {
+            let (id, args) = cmd(c);
+            assert_eq!(read_only(id, &args), read, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn targets_know_where_their_key_is() {
+        let (id, args) = cmd(&["LCS", "k", "k", "LEN"]);
+        let t = targets(Kind::Bytes, id, &args);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].at, vec![1, 2]);
+        let (id, args) = cmd(&["BITOP", "AND", "d", "a", "d"]);
+        let t = targets(Kind::Bytes, id, &args);
+        let at: Vec<_> = t.iter().map(|t| (t.key.clone(), t.at.clone())).collect();
+        assert_eq!(
+            at,
+            vec![(Bytes::from("d"), vec![2, 4]), (Bytes::from("a"), vec![3])]
+        );
+        let (id, args) = cmd(&["HSTRLEN", "h", "f"]);
+        let t = targets(Kind::HashBytes, id, &args);
+        assert_eq!(t[0].field.as_deref(), Some(&b"f"[..]));
+        assert_eq!(t[0].at, vec![1]);
+    }
+
+    #[test]
+    fn queued_writes_become_expectations() {
+        let c = codec();
+        let st = Stats::default();
+        let policy = Policy {
+            codec: c.clone(),
+            exclude: &[],
+        };
+        let v = Bytes::from(vec![b'a'; 300]);
+        let (_, args) = cmd(&["SET", "k", "x"]);
+        let args = vec![args[0].clone(), args[1].clone(), v.clone()];
+        let (new, _, written) = rewrite_write(Write::Set, &args, &policy, &st);
+        let frame = new.unwrap()[2].clone();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].stored, frame);
+        let tx = Tx {
+            multi: true,
+            queued: Vec::new(),
+            written,
+        };
+        let (id, args) = cmd(&["LCS", "j", "k"]);
+        let t = targets(Kind::Bytes, id, &args);
+        let mut expect = Vec::new();
+        expect_queued(&tx, &t, &mut expect);
+        assert_eq!(
+            expect,
+            vec![Expect {
+                target: 1,
+                stored: frame,
+                value: v
+            }]
+        );
+        // The same frame found by the probe is not sent twice.
+        expect_queued(&tx, &t, &mut expect);
+        assert_eq!(expect.len(), 1);
     }
 
     #[test]

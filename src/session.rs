@@ -838,10 +838,11 @@ where
                 return true;
             }
             Kind::Write(w) => {
-                let (new, decode) =
+                let (new, decode, written) =
                     cz::rewrite_write(w, args, &policy, &self.shared.metrics.compression);
                 let post = if multi {
                     self.tx_queue.queued.push(decode);
+                    self.tx_queue.written.extend(written);
                     Post::None
                 } else {
                     Post::Decode(decode)
@@ -870,9 +871,12 @@ where
             }
             Kind::Bytes | Kind::HashBytes | Kind::Incr | Kind::HIncr if cz::arity_ok(idx, args) => {
                 let targets = cz::targets(kind, idx, args);
+                let read = cz::read_only(idx, args);
                 if !multi {
                     self.wait_drained().await;
-                    let reply = self.emulate(&targets, &policy.codec, args, false).await;
+                    let reply = self
+                        .emulate(&targets, &policy.codec, read, args, false)
+                        .await;
                     self.shared
                         .metrics
                         .command(idx, reply.first() == Some(&b'-'), None);
@@ -880,12 +884,13 @@ where
                     return true;
                 }
                 // Queued: read the frames now (on a shared connection), and
-                // queue the script with them as expectations.
-                let expect = match self.probe(&targets, &policy.codec).await {
+                // queue the script with them, and those that writes queued
+                // before it store, as expectations.
+                let mut expect = match self.probe(&targets, &policy.codec).await {
                     Ok(e) => e,
                     Err(reply) => {
                         // Queued as Redis would; its EXEC element is the error.
-                        let a = cz::script_args(&targets, &[], self.resp3, args);
+                        let a = cz::script_args(&targets, &[], self.resp3, read, args);
                         let mut b = BytesMut::new();
                         resp::encode_command(&a, &mut b);
                         self.tx_queue.queued.push(cz::Decode::Replace(reply));
@@ -893,7 +898,8 @@ where
                         return true;
                     }
                 };
-                let a = cz::script_args(&targets, &expect, self.resp3, args);
+                cz::expect_queued(&self.tx_queue, &targets, &mut expect);
+                let a = cz::script_args(&targets, &expect, self.resp3, read, args);
                 let mut b = BytesMut::new();
                 resp::encode_command(&a, &mut b);
                 self.tx_queue.queued.push(cz::Decode::Script);
@@ -911,18 +917,20 @@ where
         false
     }
 
-    /// Runs a byte-level command (or, with no `cmd`, just the rewrite of
-    /// compressed keys) through [`cz::SCRIPT`] until it ran on plain values.
+    /// Runs a byte-level command through [`cz::SCRIPT`] until it ran on
+    /// plain values: temporary decoded copies for a reader (`read`), the
+    /// keys rewritten uncompressed for a writer.
     async fn emulate(
         &mut self,
-        targets: &[(Bytes, Option<Bytes>)],
+        targets: &[cz::Target],
         codec: &crate::compress::Codec,
+        read: bool,
         cmd: &[Bytes],
         side: bool,
     ) -> Bytes {
-        let mut expect = vec![None; targets.len()];
+        let mut expect: Vec<cz::Expect> = Vec::new();
         for _ in 0..32 {
-            let a = cz::script_args(targets, &expect, self.resp3, cmd);
+            let a = cz::script_args(targets, &expect, self.resp3, read, cmd);
             let r = if side {
                 self.side_roundtrip(&a).await
             } else {
@@ -934,7 +942,7 @@ where
                 Err(e) => return resp::error_bytes(&e),
             };
             let Some(found) = cz::script_report(&r) else {
-                if expect.iter().any(Option::is_some) {
+                if !expect.is_empty() {
                     self.shared
                         .metrics
                         .compression
@@ -945,10 +953,13 @@ where
             };
             for (i, stored) in found {
                 match codec.decode(&stored) {
-                    Ok(d) => {
-                        if let Some(e) = expect.get_mut(i) {
-                            *e = Some((stored, d));
-                        }
+                    Ok(value) => {
+                        expect.retain(|e| e.target != i);
+                        expect.push(cz::Expect {
+                            target: i,
+                            stored,
+                            value,
+                        });
                     }
                     Err(e) => {
                         self.shared
@@ -960,6 +971,21 @@ where
                     }
                 }
             }
+            // The reply is the length of the one value the script just read
+            // atomically: no copy in Redis needed, so this also works where
+            // Redis refuses writes (OOM, read-only replica).
+            if cz::length_only(cmd)
+                && let [e] = expect.as_slice()
+            {
+                self.shared
+                    .metrics
+                    .compression
+                    .emulated
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut b = BytesMut::new();
+                resp::int(&mut b, e.value.len() as i64);
+                return b.freeze();
+            }
         }
         resp::error_bytes("ERR respite: value kept changing concurrently, try again")
     }
@@ -967,22 +993,22 @@ where
     /// The frames `targets` hold now, decoded, as script expectations.
     async fn probe(
         &mut self,
-        targets: &[(Bytes, Option<Bytes>)],
+        targets: &[cz::Target],
         codec: &crate::compress::Codec,
-    ) -> Result<Vec<Option<(Bytes, Bytes)>>, Bytes> {
-        let mut expect = vec![None; targets.len()];
-        let a = cz::script_args(targets, &[], false, &[]);
+    ) -> Result<Vec<cz::Expect>, Bytes> {
+        let mut expect = Vec::new();
+        let a = cz::script_args(targets, &[], false, true, &[]);
         let r = self
             .side_roundtrip(&a)
             .await
             .map_err(|e| resp::error_bytes(&e))?;
         for (i, stored) in cz::script_report(&r).unwrap_or_default() {
             match codec.decode(&stored) {
-                Ok(d) => {
-                    if let Some(e) = expect.get_mut(i) {
-                        *e = Some((stored, d));
-                    }
-                }
+                Ok(value) => expect.push(cz::Expect {
+                    target: i,
+                    stored,
+                    value,
+                }),
                 Err(e) => return Err(cz::corrupt_error(&e)),
             }
         }

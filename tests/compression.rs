@@ -114,7 +114,7 @@ fn command(rng: &mut Rng) -> Vec<Vec<u8>> {
         }
     };
     let b = |x: &str| x.as_bytes().to_vec();
-    match rng.below(46) {
+    match rng.below(52) {
         0..=3 => {
             let mut c = vec![b("SET"), any(rng), value(rng)];
             match rng.below(6) {
@@ -204,7 +204,84 @@ fn command(rng: &mut Rng) -> Vec<Vec<u8>> {
         },
         43 => vec![b("HSTRLEN"), h(rng), f(rng)],
         44 => vec![b("HINCRBY"), h(rng), f(rng), int(rng, -10, 10)],
-        _ => vec![b("HINCRBYFLOAT"), h(rng), f(rng), b("0.25")],
+        45 => vec![b("HINCRBYFLOAT"), h(rng), f(rng), b("0.25")],
+        46 => {
+            // LCS keys: compressible, incompressible, or a hash.
+            let k = if rng.below(2) == 0 { "lcs0" } else { "lcs1" };
+            match rng.below(3) {
+                0 => vec![b("SET"), b(k), value_small_json(rng)],
+                1 => {
+                    let n = 20 + rng.below(150) as usize;
+                    vec![b("SET"), b(k), (0..n).map(|_| rng.next() as u8).collect()]
+                }
+                _ => vec![b("HSET"), b("lcsh"), b("f"), b("v")],
+            }
+        }
+        _ => read_command(rng),
+    }
+}
+
+/// The byte-level readers with their options, and argument errors.
+fn read_command(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let s = |rng: &mut Rng| rng.pick(STRS).as_bytes().to_vec();
+    let b = |x: &str| x.as_bytes().to_vec();
+    let unit = |rng: &mut Rng| b(rng.pick(&["BYTE", "BIT", "byte"]));
+    match rng.below(16) {
+        0 => vec![
+            b("BITCOUNT"),
+            s(rng),
+            int(rng, -100, 100),
+            int(rng, -100, 3000),
+            unit(rng),
+        ],
+        1 => vec![
+            b("BITPOS"),
+            s(rng),
+            int(rng, 0, 2),
+            int(rng, -100, 100),
+            int(rng, -100, 3000),
+            unit(rng),
+        ],
+        2 => vec![b("BITPOS"), s(rng), int(rng, 0, 2), int(rng, -100, 300)],
+        3 => vec![
+            b("BITFIELD"),
+            s(rng),
+            b("GET"),
+            b("u8"),
+            int(rng, 0, 8000),
+            b("OVERFLOW"),
+            b("SAT"),
+            b("GET"),
+            b("i5"),
+            int(rng, 0, 800),
+        ],
+        4 => vec![b("SETRANGE"), s(rng), int(rng, 0, 3000), b("")],
+        5 => {
+            let k1 = b(rng.pick(&["lcs0", "lcs1", "lcsh", "missing"]));
+            let k2 = b(rng.pick(&["lcs0", "lcs1"]));
+            let mut c = vec![b("LCS"), k1, k2];
+            match rng.below(4) {
+                0 => {}
+                1 => c.push(b("LEN")),
+                2 => c.extend([b("IDX"), b("MINMATCHLEN"), int(rng, 0, 6)]),
+                _ => c.extend([b("IDX"), b("WITHMATCHLEN")]),
+            }
+            c
+        }
+        6 => vec![b("LCS"), b("lcs0"), b("lcs0"), b("IDX")],
+        7 => vec![b("GETRANGE"), s(rng), b("x"), b("10")],
+        8 => vec![
+            b("GETBIT"),
+            s(rng),
+            b(rng.pick(&["-1", "abc", "4294967296"])),
+        ],
+        9 => vec![b("BITCOUNT"), s(rng), int(rng, 0, 10)],
+        10 => vec![b("BITCOUNT"), s(rng), b("0"), b("1"), b("WORD")],
+        11 => vec![b("BITPOS"), s(rng), b("2")],
+        12 => vec![b("BITFIELD_RO"), s(rng), b("GET"), b("x8"), b("0")],
+        13 => vec![b("BITFIELD_RO"), s(rng), b("SET"), b("u8"), b("0"), b("1")],
+        14 => vec![b("LCS"), b("lcs0"), b("lcs1"), b("NOPE")],
+        _ => vec![b("STRLEN"), s(rng), b("extra")],
     }
 }
 
@@ -389,6 +466,20 @@ fn differential(seed: u64, ops: usize, min_bytes: &str) {
         }
         done += batch.len();
     }
+    // The same keys on both sides: a read leaves no temporary copy behind.
+    let keys = |port: u16| {
+        let mut k: Vec<Vec<u8>> = redis::cmd("KEYS")
+            .arg("*")
+            .query(&mut conn_to(port))
+            .unwrap();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(direct.port),
+        keys(behind.port),
+        "seed {seed}: keyspace"
+    );
     // Something was stored compressed.
     let stats = proxy.metrics();
     assert!(
@@ -624,4 +715,287 @@ fn resp3_maps_and_pairs_are_decoded() {
         String::from_utf8_lossy(&replies[5]),
         String::from_utf8_lossy(&want)
     );
+}
+
+/// A byte-level read of a compressed key is a read, as in Redis: it does not
+/// abort a WATCH on that key (another client's, or the reader's own), fires
+/// no keyspace event for it, leaves the stored frame byte for byte, writes
+/// nothing to the AOF and leaves no temporary key; and its reply is Redis'
+/// reply for the plain value, errors included.
+#[test]
+fn reads_of_compressed_keys_leave_them_alone() {
+    let redis = RedisServer::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--notify-keyspace-events",
+        "KEA",
+    ]);
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut d = Raw::connect(redis.port);
+    let mut p = proxy.raw();
+    let json = |n: usize, salt: usize| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..)
+            .map(|i| format!("{{\"id\":{},\"name\":\"user{}\"}},", i * salt, i % 7))
+            .take_while(|_| true)
+            .take(n / 20)
+            .collect::<String>()
+            .into_bytes();
+        v.truncate(n);
+        v
+    };
+    let (v1, v2) = (json(1500, 3), json(1200, 5));
+    let send = |r: &mut Raw, args: &[&[u8]]| {
+        r.send(&cmd_bytes(args));
+        r.read_reply()
+    };
+    // Compressed through respite; the same values plain, written directly,
+    // give the reference replies.
+    assert_eq!(send(&mut p, &[b"SET", b"k", &v1]), b"+OK\r\n");
+    assert_eq!(send(&mut p, &[b"SET", b"k2", &v2]), b"+OK\r\n");
+    assert_eq!(send(&mut p, &[b"HSET", b"h", b"f", &v1]), b":1\r\n");
+    assert_eq!(send(&mut d, &[b"SET", b"pk", &v1]), b"+OK\r\n");
+    assert_eq!(send(&mut d, &[b"SET", b"pk2", &v2]), b"+OK\r\n");
+    assert_eq!(send(&mut d, &[b"HSET", b"ph", b"f", &v1]), b":1\r\n");
+    let stored = |d: &mut Raw| {
+        (
+            send(d, &[b"GET", b"k"]),
+            send(d, &[b"GET", b"k2"]),
+            send(d, &[b"HGET", b"h", b"f"]),
+        )
+    };
+    let before = stored(&mut d);
+    for frame in [&before.0, &before.1, &before.2] {
+        let body = frame.splitn(2, |&c| c == b'\n').nth(1).unwrap();
+        assert!(body.starts_with(&MAGIC), "stored compressed");
+    }
+    let mut sub = Raw::connect(redis.port);
+    sub.send(&cmd_bytes(&[
+        b"SUBSCRIBE",
+        b"__keyspace@0__:k",
+        b"__keyspace@0__:k2",
+        b"__keyspace@0__:h",
+        b"__keyspace@0__:marker",
+    ]));
+    read_replies(&mut sub, 4);
+    // Another client watches the keys, directly and through respite.
+    let mut w = Raw::connect(redis.port);
+    assert_eq!(send(&mut w, &[b"WATCH", b"k", b"k2", b"h"]), b"+OK\r\n");
+    let mut pw = proxy.raw();
+    assert_eq!(send(&mut pw, &[b"WATCH", b"k", b"k2", b"h"]), b"+OK\r\n");
+    // (command, which arguments are keys to swap for the plain copies)
+    let reads: Vec<Vec<&[u8]>> = vec![
+        vec![b"STRLEN", b"k"],
+        vec![b"GETRANGE", b"k", b"10", b"200"],
+        vec![b"SUBSTR", b"k", b"-100", b"-1"],
+        vec![b"GETBIT", b"k", b"1234"],
+        vec![b"BITCOUNT", b"k"],
+        vec![b"BITCOUNT", b"k", b"5", b"-5"],
+        vec![b"BITCOUNT", b"k", b"1", b"100", b"BIT"],
+        vec![b"BITPOS", b"k", b"1"],
+        vec![b"BITPOS", b"k", b"0", b"3", b"50", b"BYTE"],
+        vec![
+            b"BITFIELD_RO",
+            b"k",
+            b"GET",
+            b"u8",
+            b"40",
+            b"GET",
+            b"i16",
+            b"1000",
+        ],
+        vec![b"BITFIELD", b"k", b"GET", b"u8", b"40", b"OVERFLOW", b"SAT"],
+        vec![b"SETRANGE", b"k", b"100", b""],
+        vec![b"LCS", b"k", b"k2", b"LEN"],
+        vec![
+            b"LCS",
+            b"k",
+            b"k2",
+            b"IDX",
+            b"MINMATCHLEN",
+            b"8",
+            b"WITHMATCHLEN",
+        ],
+        vec![b"LCS", b"k", b"k"],
+        vec![b"HSTRLEN", b"h", b"f"],
+        // Argument errors, and the wrong type.
+        vec![b"GETRANGE", b"k", b"a", b"b"],
+        vec![b"GETBIT", b"k", b"-1"],
+        vec![b"BITCOUNT", b"k", b"0"],
+        vec![b"BITPOS", b"k", b"2"],
+        vec![b"BITFIELD_RO", b"k", b"GET", b"x8", b"0"],
+        vec![b"LCS", b"k", b"k2", b"BOGUS"],
+        vec![b"LCS", b"k", b"h"],
+        vec![b"HSTRLEN", b"k", b"f"],
+    ];
+    let plain = |c: &[&[u8]]| -> Vec<Vec<u8>> {
+        c.iter()
+            .enumerate()
+            .map(|(i, a)| match (i, *a) {
+                (0, _) => a.to_vec(),
+                (_, b"k") => b"pk".to_vec(),
+                (_, b"k2") => b"pk2".to_vec(),
+                (_, b"h") if c[0] != b"HSTRLEN" || i == 1 => b"ph".to_vec(),
+                _ => a.to_vec(),
+            })
+            .collect()
+    };
+    let mut wants = Vec::new();
+    for c in &reads {
+        let want = {
+            let args = plain(c);
+            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            send(&mut d, &refs)
+        };
+        let got = send(&mut p, c);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{:?}",
+            c.iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect::<Vec<_>>()
+        );
+        wants.push(want);
+    }
+    // Pipelined, and inside MULTI.
+    let mut req = Vec::new();
+    for c in &reads {
+        req.extend_from_slice(&cmd_bytes(c));
+    }
+    p.send(&req);
+    assert_eq!(read_replies(&mut p, reads.len()), wants);
+    p.send(&cmd_bytes(&[b"MULTI"]));
+    for c in &reads[..16] {
+        p.send(&cmd_bytes(c));
+    }
+    p.send(&cmd_bytes(&[b"EXEC"]));
+    let replies = read_replies(&mut p, 18);
+    let mut want = b"*16\r\n".to_vec();
+    for w in &wants[..16] {
+        want.extend_from_slice(w);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&replies[17]),
+        String::from_utf8_lossy(&want)
+    );
+    // The watcher through respite reads too, on its own watched keys.
+    assert_eq!(
+        send(&mut pw, &[b"STRLEN", b"k"]),
+        format!(":{}\r\n", v1.len()).as_bytes()
+    );
+    assert_eq!(
+        send(&mut pw, &[b"LCS", b"k", b"k2", b"LEN"]),
+        send(&mut d, &[b"LCS", b"pk", b"pk2", b"LEN"])
+    );
+    for r in [&mut w, &mut pw] {
+        assert_eq!(send(r, &[b"MULTI"]), b"+OK\r\n");
+        assert_eq!(send(r, &[b"INCR", b"done"]), b"+QUEUED\r\n");
+        let exec = send(r, &[b"EXEC"]);
+        assert!(
+            exec.starts_with(b"*1\r\n:"),
+            "WATCH aborted: {:?}",
+            String::from_utf8_lossy(&exec)
+        );
+    }
+    assert_eq!(stored(&mut d), before, "stored frames unchanged");
+    // No keyspace event for the keys read: the next one is the marker's.
+    assert_eq!(send(&mut d, &[b"SET", b"marker", b"1"]), b"+OK\r\n");
+    let ev = read_replies(&mut sub, 1).remove(0);
+    assert!(
+        ev.windows(6).any(|w| w == b"marker"),
+        "{:?}",
+        String::from_utf8_lossy(&ev)
+    );
+    // No temporary key left, none in the AOF (replicas get what it gets).
+    let keys = send(&mut d, &[b"KEYS", b"*respite*"]);
+    assert_eq!(keys, b"*0\r\n");
+    let dir = send(&mut d, &[b"CONFIG", b"GET", b"dir"]);
+    let dir = String::from_utf8_lossy(&dir);
+    let dir = dir.lines().nth(4).unwrap().to_string();
+    let mut aof = Vec::new();
+    for e in std::fs::read_dir(std::path::Path::new(&dir).join("appendonlydir")).unwrap() {
+        aof.extend(std::fs::read(e.unwrap().path()).unwrap());
+    }
+    assert!(aof.windows(6).any(|w| w == b"marker"), "AOF is current");
+    assert!(
+        !aof.windows(12).any(|w| w == b"respite-read"),
+        "a temporary copy reached the AOF"
+    );
+}
+
+/// Inside MULTI a byte-level command queued after a write to the same key
+/// works on what that write stores (also when a conditional write does not
+/// happen), as in Redis; it used to be an error.
+#[test]
+fn multi_byte_commands_see_queued_writes() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut d = Raw::connect(redis.port);
+    let mut p = proxy.raw();
+    let a = b"abcdefgh".repeat(40);
+    let b = b"0123456789".repeat(50);
+    let tx = |k: &[u8], h: &[u8]| -> Vec<Vec<u8>> {
+        let c: Vec<Vec<&[u8]>> = vec![
+            vec![b"MULTI"],
+            vec![b"SET", k, &a],
+            vec![b"STRLEN", k],
+            vec![b"SETNX", k, &b],
+            vec![b"GETRANGE", k, b"0", b"9"],
+            vec![b"SET", k, &b, b"XX"],
+            vec![b"BITCOUNT", k],
+            vec![b"APPEND", k, b"!"],
+            vec![b"STRLEN", k],
+            vec![b"HSET", h, b"f", &a],
+            vec![b"HSTRLEN", h, b"f"],
+            vec![b"EXEC"],
+        ];
+        c.iter().map(|c| cmd_bytes(c)).collect()
+    };
+    let run = |r: &mut Raw, reqs: Vec<Vec<u8>>| {
+        let n = reqs.len();
+        r.send(&reqs.concat());
+        read_replies(r, n).pop().unwrap()
+    };
+    let want = run(&mut d, tx(b"pk", b"ph"));
+    let got = run(&mut p, tx(b"k", b"h"));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    assert!(
+        want.starts_with(b"*10\r\n+OK\r\n:320\r\n:0\r\n"),
+        "{want:?}"
+    );
+}
+
+/// STRLEN and HSTRLEN of a compressed value are answered from the frame the
+/// script read, without a temporary copy, so they work when Redis refuses
+/// writes (here: out of memory with `noeviction`).
+#[test]
+fn lengths_of_compressed_values_need_no_write() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut d = Raw::connect(redis.port);
+    let mut p = proxy.raw();
+    let v = b"0123456789".repeat(300);
+    let send = |r: &mut Raw, args: &[&[u8]]| {
+        r.send(&cmd_bytes(args));
+        r.read_reply()
+    };
+    assert_eq!(send(&mut p, &[b"SET", b"k", &v]), b"+OK\r\n");
+    assert_eq!(send(&mut p, &[b"HSET", b"h", b"f", &v]), b":1\r\n");
+    for c in [
+        &[&b"CONFIG"[..], b"SET", b"maxmemory-policy", b"noeviction"][..],
+        &[b"CONFIG", b"SET", b"maxmemory", b"1"],
+    ] {
+        assert_eq!(send(&mut d, c), b"+OK\r\n");
+    }
+    assert!(send(&mut d, &[b"SET", b"x", b"1"]).starts_with(b"-OOM"));
+    assert_eq!(send(&mut p, &[b"STRLEN", b"k"]), b":3000\r\n");
+    assert_eq!(send(&mut p, &[b"HSTRLEN", b"h", b"f"]), b":3000\r\n");
+    assert_eq!(send(&mut p, &[b"HSTRLEN", b"h", b"nope"]), b":0\r\n");
+    assert_eq!(send(&mut p, &[b"STRLEN", b"missing"]), b":0\r\n");
+    assert!(send(&mut p, &[b"STRLEN", b"h"]).starts_with(b"-WRONGTYPE"));
 }
