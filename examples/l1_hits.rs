@@ -1,0 +1,50 @@
+//! A fixed number of L1 hits, for instruction counting: criterion's
+//! wall-clock numbers swing on a shared machine, callgrind's do not.
+//!
+//! valgrind --tool=callgrind --toggle-collect='*l1_hits::hits*' \
+//!     target/release/examples/l1_hits 100000
+//! then divide the collected Ir by the count.
+
+use bytes::Bytes;
+use respite::cache::{L1, Lookup};
+use respite::config::{L1Config, L1Mode};
+use std::hint::black_box;
+
+#[inline(never)]
+fn hits(l1: &L1, keys: &[Vec<u8>], n: usize) -> usize {
+    let mut hit = 0;
+    let mut i = 0usize;
+    for _ in 0..n {
+        i = (i + 7919) % keys.len();
+        if let Lookup::Hit(f) = l1.lookup(black_box(&keys[i]), true) {
+            hit += black_box(f).len();
+        }
+    }
+    hit
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let l1 = L1::new(&L1Config {
+        mode: L1Mode::Ttl,
+        ..L1Config::default()
+    })
+    .unwrap();
+    let frame = Bytes::from(format!("$100\r\n{}\r\n", "v".repeat(100)));
+    let keys: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| format!("key:{i:06}").into_bytes())
+        .collect();
+    for k in &keys {
+        if let Lookup::Fill(t) = l1.lookup(k, true) {
+            l1.complete(&Bytes::copy_from_slice(k), t, Some(&frame), -1);
+        }
+    }
+    // Warm up: moka's maintenance settles the freshly inserted entries.
+    hits(&l1, &keys, 20_000);
+    let total = hits(&l1, &keys, n);
+    assert!(total > 0);
+    println!("{n} lookups, {total} hit bytes");
+}
