@@ -28,18 +28,19 @@ use std::time::{Duration, Instant};
 /// rather than payload only.
 const ENTRY_OVERHEAD: usize = 96;
 
+/// Entries live at most `max_ttl` through moka's cache-wide time_to_live.
+/// A key whose PTTL in Redis is shorter also carries its own deadline,
+/// checked on every hit. moka's per-entry `Expiry` would do the same job,
+/// but with it moka converts clocks and consults the policy on every read,
+/// about a sixth of a hit's instructions, even for entries without a PTTL,
+/// which are the common case. The cost of the cheaper path: an entry past
+/// its deadline keeps its bytes until it is next looked up (then it is
+/// dropped), Redis' invalidation for the expired key arrives (tracking
+/// mode), or `max_ttl` runs out.
 #[derive(Clone)]
 struct Entry {
     frame: Bytes,
-    ttl: Duration,
-}
-
-struct EntryExpiry;
-
-impl moka::Expiry<Bytes, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _k: &Bytes, v: &Entry, _at: Instant) -> Option<Duration> {
-        Some(v.ttl)
-    }
+    expires: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +109,7 @@ impl L1 {
         if cfg.mode == L1Mode::Off {
             return None;
         }
+        let max_ttl = Duration::from_millis(cfg.max_ttl_ms.max(1));
         let stats = Arc::new(L1Stats::default());
         let st = stats.clone();
         let cache = moka::sync::Cache::builder()
@@ -115,7 +117,7 @@ impl L1 {
             .weigher(|k: &Bytes, v: &Entry| {
                 (k.len() + v.frame.len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
             })
-            .expire_after(EntryExpiry)
+            .time_to_live(max_ttl)
             .eviction_listener(move |_k, _v, cause| match cause {
                 RemovalCause::Size => {
                     st.evicted_size.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +136,7 @@ impl L1 {
             epoch: AtomicU64::new(0),
             valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
-            max_ttl: Duration::from_millis(cfg.max_ttl_ms.max(1)),
+            max_ttl,
             max_value_bytes: cfg.max_value_bytes,
             include: cfg.include.iter().map(|g| g.as_bytes().to_vec()).collect(),
             exclude: cfg.exclude.iter().map(|g| g.as_bytes().to_vec()).collect(),
@@ -149,9 +151,9 @@ impl L1 {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return Lookup::Bypass;
         }
-        if let Some(e) = self.cache.get(key) {
+        if let Some(frame) = self.get(key) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Hit(e.frame);
+            return Lookup::Hit(frame);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         if !idle {
@@ -182,6 +184,20 @@ impl L1 {
         }
     }
 
+    /// The entry's frame unless it outlived its key's PTTL.
+    fn get(&self, key: &[u8]) -> Option<Bytes> {
+        let e = self.cache.get(key)?;
+        match e.expires {
+            Some(t) if Instant::now() >= t => {
+                // Dropping it may also drop a newer entry a fill installed
+                // just now: that costs a hit, never a stale read.
+                self.cache.invalidate(key);
+                None
+            }
+            _ => Some(e.frame),
+        }
+    }
+
     /// `l1.include` / `l1.exclude` (the include list defaults to "*", so
     /// the common case costs one comparison).
     fn cacheable(&self, key: &[u8]) -> bool {
@@ -197,10 +213,10 @@ impl L1 {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return None;
         }
-        match self.cache.get(key) {
-            Some(e) => {
+        match self.get(key) {
+            Some(frame) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                Some(e.frame)
+                Some(frame)
             }
             None => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -245,7 +261,8 @@ impl L1 {
                 key.clone(),
                 Entry {
                     frame: frame.clone(),
-                    ttl,
+                    // moka's time_to_live already enforces max_ttl.
+                    expires: (ttl < self.max_ttl).then(|| Instant::now() + ttl),
                 },
             );
             self.stats.fills.fetch_add(1, Ordering::Relaxed);
@@ -474,6 +491,28 @@ mod tests {
             panic!()
         };
         assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2));
+    }
+
+    #[test]
+    fn max_ttl_caps_entries_with_and_without_a_pttl() {
+        let l = L1::new(&L1Config {
+            mode: L1Mode::Ttl,
+            max_ttl_ms: 40,
+            ..L1Config::default()
+        })
+        .unwrap();
+        let frame = Bytes::from_static(b"$1\r\nv\r\n");
+        // No PTTL, and a PTTL longer than max_ttl: both end at max_ttl.
+        for (k, pttl) in [(&b"a"[..], -1), (&b"b"[..], 60_000)] {
+            let Lookup::Fill(t) = l.lookup(k, true) else {
+                panic!()
+            };
+            assert!(l.complete(&Bytes::copy_from_slice(k), t, Some(&frame), pttl));
+            assert!(matches!(l.lookup(k, false), Lookup::Hit(_)));
+        }
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!matches!(l.lookup(b"a", false), Lookup::Hit(_)));
+        assert!(l.peek(b"b").is_none(), "outlived max_ttl");
     }
 
     #[test]
