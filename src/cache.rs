@@ -193,8 +193,11 @@ impl L1 {
         match e.expires {
             Some(t) if Instant::now() >= t => {
                 // Dropping it may also drop a newer entry a fill installed
-                // just now: that costs a hit, never a stale read.
+                // just now: that costs a hit, never a stale read. moka
+                // reports this removal as explicit, so it is counted here
+                // to keep evicted_expired meaning "ended by expiry".
                 self.cache.invalidate(key);
+                self.stats.evicted_expired.fetch_add(1, Ordering::Relaxed);
                 None
             }
             _ => Some(e.frame),
@@ -494,6 +497,7 @@ mod tests {
             !matches!(l.lookup(b"k", false), Lookup::Hit(_)),
             "outlived its PTTL"
         );
+        assert_eq!(l.stats.evicted_expired.load(Ordering::Relaxed), 1);
         let Lookup::Fill(t) = l.lookup(b"k", true) else {
             panic!()
         };
