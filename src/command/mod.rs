@@ -113,19 +113,20 @@ static INDEX: LazyLock<HashMap<&'static [u8], usize, FnvBuild>> = LazyLock::new(
         .collect()
 });
 
-/// Ids of the container commands (CLIENT, CONFIG, ...): only these are
-/// worth a second lookup with their subcommand. Without it every GET paid
-/// for hashing and missing "GET|<key>".
-static HAS_SUB: LazyLock<Vec<bool>> = LazyLock::new(|| {
-    let mut v = vec![false; table::SPECS.len()];
-    for s in table::SPECS.iter() {
+/// Whether a row has `PARENT|SUB` rows under it, by id. Only those rows
+/// need the second lookup with the first argument appended: without this,
+/// every GET also upper-cased and hashed "GET|<key>", about half of what
+/// finding a command cost.
+static PARENTS: LazyLock<Vec<bool>> = LazyLock::new(|| {
+    let mut parents = vec![false; table::SPECS.len()];
+    for s in table::SPECS {
         if let Some((parent, _)) = s.name.split_once('|')
             && let Some(&i) = INDEX.get(parent.as_bytes())
         {
-            v[i] = true;
+            parents[i] = true;
         }
     }
-    v
+    parents
 });
 
 /// Number of rows in the table; command ids are `0..count()`, and
@@ -200,10 +201,9 @@ pub fn lookup<A: Args + ?Sized>(args: &A) -> Option<usize> {
     let mut buf = [0u8; 48];
     let name = upper(args.arg(0)?, &mut buf)?;
     let id = *INDEX.get(name)?;
-    if !HAS_SUB[id] {
-        return Some(id);
-    }
-    if let Some(sub) = args.arg(1) {
+    if PARENTS[id]
+        && let Some(sub) = args.arg(1)
+    {
         let n = name.len();
         if n + 1 + sub.len() <= 48 {
             let mut full = [0u8; 48];
@@ -406,6 +406,14 @@ mod tests {
         assert_eq!(name(lookup(&args).unwrap()), "CLIENT");
         assert_eq!(lookup(&a(&["nosuchcmd"])), None);
         assert_eq!(lookup(&a(&[&"x".repeat(100)])), None);
+        // Every subcommand row is reachable from its container (the
+        // second lookup is only tried for containers).
+        for (id, s) in table::SPECS.iter().enumerate() {
+            if let Some((parent, sub)) = s.name.split_once('|') {
+                let args = a(&[&parent.to_lowercase(), &sub.to_lowercase(), "x"]);
+                assert_eq!(lookup(&args), Some(id), "{}", s.name);
+            }
+        }
     }
 
     #[test]
