@@ -51,6 +51,9 @@ enum Post {
     Decode(cz::Decode),
     /// Show the client this reply instead of Redis' (a poisoned MULTI).
     Replace(Bytes),
+    /// Show the client only the first reply: the rest answer commands the
+    /// proxy appended (the HELLO 3 after a RESP3 client's AUTH).
+    First,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -695,6 +698,7 @@ where
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
                             Post::Replace(b) => b,
+                            Post::First => first_frame(reply.data),
                             Post::Decode(d) => cz::decode_reply(
                                 &d,
                                 reply.data,
@@ -1045,11 +1049,18 @@ where
 
     /// Sends raw commands upstream and queues their reply slot.
     async fn forward(&mut self, data: Bytes, ids: Vec<u16>, post: Post) {
+        self.forward_extra(data, 0, ids, post).await
+    }
+
+    /// `forward` for data that ends with `extra` commands of the proxy's
+    /// own: Redis sends replies for them too, but the client is owed (and,
+    /// on failure, sees errors for) its own commands only.
+    async fn forward_extra(&mut self, data: Bytes, extra: u32, ids: Vec<u16>, post: Post) {
         let count = ids.len() as u32;
         let sent = self
             .target()
             .await
-            .and_then(|c| c.send(data, count, Some(self.out.clone())));
+            .and_then(|c| c.send(data, count + extra, Some(self.out.clone())));
         match sent {
             Ok(rx) => {
                 self.push(Out::Up {
@@ -1145,6 +1156,15 @@ where
     /// Moves the session onto a dedicated upstream connection. Returns false
     /// (after queueing an error reply) when none can be opened.
     async fn pin(&mut self) -> bool {
+        self.pin_with(self.resp3).await
+    }
+
+    /// `pin` with the protocol the new connection opens in. AUTH and HELLO
+    /// pin with `false` (no HELLO of the proxy's): on a server that has
+    /// required a password since this client connected, the proxy's HELLO 3
+    /// would be refused with NOAUTH before the client's own credentials
+    /// could reach Redis.
+    async fn pin_with(&mut self, resp3: bool) -> bool {
         if self.pinned.is_some() {
             return true;
         }
@@ -1153,7 +1173,7 @@ where
         };
         let up = up.clone();
         self.wait_drained().await;
-        match up.dedicated_detachable(self.resp3).await {
+        match up.dedicated_detachable(resp3).await {
             Ok(pair) => {
                 self.pinned = Some(pair);
                 self.entry.pinned.store(true, Ordering::Relaxed);
@@ -1211,7 +1231,8 @@ where
                         return Flow::Continue;
                     }
                     HelloOutcome::NeedsUpstream => {
-                        if self.pin().await {
+                        // The client's HELLO sets the protocol itself.
+                        if self.pin_with(false).await {
                             if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
                                 self.resp3 = v == 3;
                             }
@@ -1255,8 +1276,23 @@ where
                         "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
                     );
                 } else {
-                    if self.pin().await {
-                        self.forward(raw, vec![idx as u16], Post::None).await;
+                    // A RESP3 client's new connection opens in RESP2 (see
+                    // pin_with); HELLO 3 follows its AUTH, hidden from it.
+                    // Not inside MULTI, where HELLO is refused and would
+                    // doom the transaction. When the AUTH fails on a server
+                    // that wants a password, so does the HELLO: the client
+                    // is answered -NOAUTH (same bytes in both protocols)
+                    // until an AUTH succeeds and the HELLO after it with it.
+                    let hello = self.resp3 && !self.in_multi;
+                    if self.pin_with(false).await {
+                        if hello {
+                            let mut b = BytesMut::from(&raw[..]);
+                            resp::encode_command(&[&b"HELLO"[..], b"3"], &mut b);
+                            self.forward_extra(b.freeze(), 1, vec![idx as u16], Post::First)
+                                .await;
+                        } else {
+                            self.forward(raw, vec![idx as u16], Post::None).await;
+                        }
                     }
                     return Flow::Continue;
                 }
@@ -1601,6 +1637,14 @@ where
             return;
         }
         crate::tunnel::run(&self.shared, &mut self.auth, (crd, cwr), (up.r, up.w), rest).await;
+    }
+}
+
+/// The first RESP frame of `data` (all of it when it cannot be cut).
+fn first_frame(data: Bytes) -> Bytes {
+    match resp::FrameScanner::new().next_frame(&data) {
+        Ok(Some(end)) => data.slice(..end),
+        _ => data,
     }
 }
 

@@ -658,6 +658,41 @@ fn redis_py_suite_regressions() {
         .arg("")
         .query(&mut c)
         .unwrap();
+    // The same for a RESP3 client (redis-py 8's default): its dedicated
+    // connection must not open with a HELLO 3 of the proxy's, which Redis
+    // refuses with NOAUTH before the client's AUTH arrives. Wrong password
+    // first: the error is Redis' own, then the right one works and the
+    // connection speaks RESP3 (a map reply, `%`).
+    let mut r3 = proxy.raw();
+    r3.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    assert!(r3.read_reply().starts_with(b"%"));
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("tp3")
+        .query(&mut direct)
+        .unwrap();
+    r3.send(&cmd_bytes(&[b"AUTH", b"nope"]));
+    let e = r3.read_reply();
+    assert!(
+        e.starts_with(b"-WRONGPASS"),
+        "{}",
+        String::from_utf8_lossy(&e)
+    );
+    r3.send(&cmd_bytes(&[b"PING"]));
+    r3.expect(b"-NOAUTH Authentication required.\r\n");
+    r3.send(&cmd_bytes(&[b"AUTH", b"tp3"]));
+    r3.expect(b"+OK\r\n");
+    r3.send(&cmd_bytes(&[b"HGETALL", b"nohash"]));
+    r3.expect(b"%0\r\n");
+    // HELLO 3 AUTH from a session that is already RESP3.
+    let mut h3 = proxy.raw();
+    h3.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    assert!(h3.read_reply().starts_with(b"%"));
+    h3.send(&cmd_bytes(&[b"HELLO", b"3", b"AUTH", b"default", b"tp3"]));
+    assert!(h3.read_reply().starts_with(b"%"));
+    h3.send(&cmd_bytes(&[b"CONFIG", b"SET", b"requirepass", b""]));
+    h3.expect(b"+OK\r\n");
 }
 
 /// First run without Redis: no upstream configured anywhere and nothing at
