@@ -869,7 +869,8 @@ where
                 let a = cz::script_args(&targets, &expect, self.resp3, args);
                 let mut b = BytesMut::new();
                 resp::encode_command(&a, &mut b);
-                self.tx_queue.queued.push(cz::Decode::Script);
+                let map = cz::lcs_map(args, self.resp3);
+                self.tx_queue.queued.push(cz::Decode::Script { map });
                 self.forward(b.freeze(), ids, Post::None).await;
                 return true;
             }
@@ -913,6 +914,9 @@ where
                         .compression
                         .emulated
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                if cz::lcs_map(cmd, self.resp3) {
+                    return cz::array_as_map(&r);
                 }
                 return r;
             };
