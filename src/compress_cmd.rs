@@ -85,8 +85,9 @@ pub enum Decode {
     /// An EXEC reply: one action per queued command.
     Exec(Vec<Decode>),
     /// The reply of [`SCRIPT`] queued in MULTI: a report (a key changed
-    /// between queueing and EXEC) becomes an error.
-    Script,
+    /// between queueing and EXEC) becomes an error. `map`: an array reply
+    /// is a RESP3 map ([`lcs_map`]).
+    Script { map: bool },
     /// An EXEC element replaced by this reply (an error found at queue time).
     Replace(Bytes),
     /// Consecutive replies of a pass-through batch, one action each.
@@ -483,7 +484,13 @@ pub fn decode_reply(d: &Decode, data: Bytes, codec: &Codec, stats: &Stats) -> By
     let skip = match d {
         Decode::None => true,
         Decode::Bulk => !bulk_may_be_framed(&data),
-        Decode::Exec(v) if v.iter().any(|x| matches!(x, Decode::Replace(_))) => false,
+        // Replacements and LCS maps change the reply even without a frame.
+        Decode::Exec(v)
+            if v.iter()
+                .any(|x| matches!(x, Decode::Replace(_) | Decode::Script { map: true })) =>
+        {
+            false
+        }
         Decode::Seq(v) if v.iter().all(|x| *x == Decode::None) => true,
         _ => !contains_magic(&data),
     };
@@ -626,12 +633,14 @@ fn transform(
 ) -> Result<usize, Fail> {
     let t = *buf.get(pos).ok_or(Fail::Malformed)?;
     match d {
-        Decode::Script => {
+        Decode::Script { map } => {
             let end = skip(buf, pos)?;
             if script_report(&buf[pos..end]).is_some() {
                 out.extend_from_slice(&crate::resp::error_bytes(
                     "ERR respite: a compressed value changed between MULTI and EXEC; run the transaction again",
                 ));
+            } else if *map {
+                out.extend_from_slice(&array_as_map(&buf[pos..end]));
             } else {
                 out.extend_from_slice(&buf[pos..end]);
             }
@@ -891,7 +900,6 @@ if ARGV[3] == 'r' then
   end
   local r = err
   if not err then
-    if ARGV[1] == '3' then redis.setresp(3) end
     r = redis.pcall(unpack(cmd))
   end
   for _, t in ipairs(copies) do
@@ -908,7 +916,11 @@ for i, d in pairs(plain) do
     redis.call('SET', KEYS[i], d, 'KEEPTTL')
   end
 end
-if ARGV[1] == '3' then redis.setresp(3) end
+-- The command runs in RESP2 whatever the client speaks: a RESP3 null
+-- becomes a Lua nil, which cuts an array short (BITFIELD ... OVERFLOW FAIL),
+-- and a RESP3 map comes back in Lua's key order. RESP2's false is answered
+-- as the caller's own null; LCS IDX's map is rebuilt by the proxy
+-- (lcs_map). ARGV[1] (the client's protocol) is not used for this.
 local r = redis.pcall(unpack(ARGV, first))
 -- A value the command left beginning with the magic is stored in a raw
 -- frame, so that it reads back as it is.
@@ -935,6 +947,36 @@ return r
 "#;
 
 const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
+
+/// Whether the reply [`SCRIPT`] gives for `cmd` must become a RESP3 map:
+/// LCS ... IDX answers a RESP3 client with a map, and the script runs the
+/// command in RESP2 (see the script), where it is a flat array.
+pub fn lcs_map(cmd: &[Bytes], resp3: bool) -> bool {
+    resp3 && cmd.first().is_some_and(|c| c.eq_ignore_ascii_case(b"LCS"))
+}
+
+/// A flat array frame (`*2n`) as the map of its pairs (`%n`), in order;
+/// anything else (LCS without IDX: a bulk or an integer; errors) unchanged.
+pub fn array_as_map(frame: &[u8]) -> Bytes {
+    let Some(rest) = frame.strip_prefix(b"*") else {
+        return Bytes::copy_from_slice(frame);
+    };
+    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+        return Bytes::copy_from_slice(frame);
+    };
+    match std::str::from_utf8(&rest[..eol])
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n) if n % 2 == 0 => {
+            let mut out = BytesMut::with_capacity(frame.len());
+            out.extend_from_slice(format!("%{}", n / 2).as_bytes());
+            out.extend_from_slice(&rest[eol..]);
+            out.freeze()
+        }
+        _ => Bytes::copy_from_slice(frame),
+    }
+}
 
 /// One attempt: the `EVAL` arguments. `read` selects mode `r` of
 /// [`SCRIPT`] (see [`read_only`]).

@@ -49,6 +49,9 @@ enum Post {
     Decode(cz::Decode),
     /// Show the client this reply instead of Redis' (a poisoned MULTI).
     Replace(Bytes),
+    /// Show the client only the first reply: the rest answer commands the
+    /// proxy appended (the HELLO 3 after a RESP3 client's AUTH).
+    First,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +103,21 @@ enum Out {
         err: UpError,
         count: u32,
     },
+}
+
+/// Input taken in eagerly (see `run`) stops at this much unprocessed data.
+const MAX_EAGER: usize = 1 << 20;
+
+/// One poll with a waker that does nothing: `Some` when the future is
+/// ready at once. Only for cancel-safe futures (a read that returns
+/// `Pending` has read nothing).
+fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Replies this large are written from their own buffer, not copied.
@@ -205,6 +223,7 @@ where
     // Slowloris guard: a started request must complete, or keep arriving
     // at 16 KiB or more per period, within server.header_timeout_ms.
     let mut partial: Option<(tokio::time::Instant, usize)> = None;
+    let mut eager = 0u32;
     let flow = loop {
         if buf.len() >= need.max(1) {
             need = 0;
@@ -218,6 +237,30 @@ where
                 partial = None;
             }
         }
+        // Requests the client has already sent are taken in before a write
+        // that may block: like Redis, which reads queries while its output
+        // buffer grows, their replies then count against
+        // limits.max_output_bytes. Otherwise a client that pipelines without
+        // reading, answered from L1 one request per read, would block the
+        // session on its full socket below the cap forever. Bounded, so a
+        // steady sender still gets its replies written.
+        if eager < 64
+            && !s.quit
+            && !s.broken
+            && s.queue.len() < s.cap
+            && buf.len() < MAX_EAGER
+            && let Some(r) = poll_once(rd.read_buf(&mut buf))
+        {
+            eager += 1;
+            match r {
+                Ok(0) | Err(_) => break Flow::Stop,
+                Ok(n) => {
+                    s.shared.metrics.bytes(n, 0);
+                    continue;
+                }
+            }
+        }
+        eager = 0;
         s.emit_ready().await;
         s.flush().await;
         if s.quit || s.broken {
@@ -729,6 +772,7 @@ where
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
                             Post::Replace(b) => b,
+                            Post::First => first_frame(reply.data),
                             Post::Decode(d) => cz::decode_reply(
                                 &d,
                                 reply.data,
@@ -902,7 +946,8 @@ where
                 let a = cz::script_args(&targets, &expect, self.resp3, read, args);
                 let mut b = BytesMut::new();
                 resp::encode_command(&a, &mut b);
-                self.tx_queue.queued.push(cz::Decode::Script);
+                let map = cz::lcs_map(args, self.resp3);
+                self.tx_queue.queued.push(cz::Decode::Script { map });
                 self.forward(b.freeze(), ids, Post::None).await;
                 return true;
             }
@@ -948,6 +993,9 @@ where
                         .compression
                         .emulated
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                if cz::lcs_map(cmd, self.resp3) {
+                    return cz::array_as_map(&r);
                 }
                 return r;
             };
@@ -1108,11 +1156,18 @@ where
 
     /// Sends raw commands upstream and queues their reply slot.
     async fn forward(&mut self, data: Bytes, ids: Vec<u16>, post: Post) {
+        self.forward_extra(data, 0, ids, post).await
+    }
+
+    /// `forward` for data that ends with `extra` commands of the proxy's
+    /// own: Redis sends replies for them too, but the client is owed (and,
+    /// on failure, sees errors for) its own commands only.
+    async fn forward_extra(&mut self, data: Bytes, extra: u32, ids: Vec<u16>, post: Post) {
         let count = ids.len() as u32;
         let sent = self
             .target()
             .await
-            .and_then(|c| c.send(data, count, Some(self.out.clone())));
+            .and_then(|c| c.send(data, count + extra, Some(self.out.clone())));
         match sent {
             Ok(rx) => {
                 // Unknown (module) commands count as writes.
@@ -1214,6 +1269,15 @@ where
     /// Moves the session onto a dedicated upstream connection. Returns false
     /// (after queueing an error reply) when none can be opened.
     async fn pin(&mut self) -> bool {
+        self.pin_with(self.resp3).await
+    }
+
+    /// `pin` with the protocol the new connection opens in. AUTH and HELLO
+    /// pin with `false` (no HELLO of the proxy's): on a server that has
+    /// required a password since this client connected, the proxy's HELLO 3
+    /// would be refused with NOAUTH before the client's own credentials
+    /// could reach Redis.
+    async fn pin_with(&mut self, resp3: bool) -> bool {
         if self.pinned.is_some() {
             return true;
         }
@@ -1222,7 +1286,7 @@ where
         };
         let up = up.clone();
         self.wait_drained().await;
-        match up.dedicated_detachable(self.resp3).await {
+        match up.dedicated_detachable(resp3).await {
             Ok(pair) => {
                 self.pinned = Some(pair);
                 self.entry.pinned.store(true, Ordering::Relaxed);
@@ -1280,7 +1344,8 @@ where
                         return Flow::Continue;
                     }
                     HelloOutcome::NeedsUpstream => {
-                        if self.pin().await {
+                        // The client's HELLO sets the protocol itself.
+                        if self.pin_with(false).await {
                             if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a)) {
                                 self.resp3 = v == 3;
                             }
@@ -1324,8 +1389,23 @@ where
                         "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
                     );
                 } else {
-                    if self.pin().await {
-                        self.forward(raw, vec![idx as u16], Post::None).await;
+                    // A RESP3 client's new connection opens in RESP2 (see
+                    // pin_with); HELLO 3 follows its AUTH, hidden from it.
+                    // Not inside MULTI, where HELLO is refused and would
+                    // doom the transaction. When the AUTH fails on a server
+                    // that wants a password, so does the HELLO: the client
+                    // is answered -NOAUTH (same bytes in both protocols)
+                    // until an AUTH succeeds and the HELLO after it with it.
+                    let hello = self.resp3 && !self.in_multi;
+                    if self.pin_with(false).await {
+                        if hello {
+                            let mut b = BytesMut::from(&raw[..]);
+                            resp::encode_command(&[&b"HELLO"[..], b"3"], &mut b);
+                            self.forward_extra(b.freeze(), 1, vec![idx as u16], Post::First)
+                                .await;
+                        } else {
+                            self.forward(raw, vec![idx as u16], Post::None).await;
+                        }
                     }
                     return Flow::Continue;
                 }
@@ -1670,6 +1750,14 @@ where
             return;
         }
         crate::tunnel::run(&self.shared, &mut self.auth, (crd, cwr), (up.r, up.w), rest).await;
+    }
+}
+
+/// The first RESP frame of `data` (all of it when it cannot be cut).
+fn first_frame(data: Bytes) -> Bytes {
+    match resp::FrameScanner::new().next_frame(&data) {
+        Ok(Some(end)) => data.slice(..end),
+        _ => data,
     }
 }
 
