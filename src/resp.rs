@@ -255,6 +255,11 @@ fn split_inline(line: &[u8]) -> Option<ArgRanges> {
     Some(out)
 }
 
+/// Every argument of an inline request (`ranges` from its [`ParsedRange`]).
+pub fn inline_args(raw: &[u8], ranges: &[std::ops::Range<usize>]) -> Vec<Bytes> {
+    ranges.iter().map(|r| inline_arg(&raw[r.clone()])).collect()
+}
+
 /// The value of one inline argument, with quotes removed and escapes applied.
 pub fn inline_arg(raw: &[u8]) -> Bytes {
     if raw.len() >= 2 && raw[0] == b'\'' {
@@ -628,7 +633,7 @@ mod tests {
         let buf = b"set k \"a b\\n\" 'c d'\r\n";
         let p = complete(buf);
         assert!(p.inline);
-        let args: Vec<Bytes> = p.args.iter().map(|r| inline_arg(&buf[r.clone()])).collect();
+        let args = inline_args(buf, &p.args);
         assert_eq!(args, vec![&b"set"[..], b"k", b"a b\n", b"c d"]);
         assert!(parse_request(b"get \"k\r\n", &Limits::default()).is_err());
         assert_eq!(complete(b"\r\n").args.len(), 0);

@@ -10,8 +10,8 @@
 //!
 //! A session starts on shared upstream connections. A stateful command pins
 //! it to a dedicated connection for the rest of its life (Redis semantics
-//! exactly); a push-style command (SUBSCRIBE, MONITOR, ...) turns the session
-//! into a byte tunnel to a dedicated connection. Before either switch the
+//! exactly); a push-style command (SUBSCRIBE, MONITOR, ...) moves it to a
+//! tunnel on a dedicated connection (src/tunnel.rs). Before either switch the
 //! session waits until every earlier reply has arrived, so commands still
 //! execute in the order the client sent them.
 
@@ -103,6 +103,12 @@ enum Out {
         err: UpError,
         count: u32,
     },
+}
+
+/// Whether a command id of a reply slot may write; `command::count()` (an
+/// unknown, e.g. module, command) counts as a write.
+fn writes(id: usize) -> bool {
+    id >= command::count() || command::may_write(id)
 }
 
 /// Input taken in eagerly (see `run`) stops at this much unprocessed data.
@@ -525,8 +531,9 @@ where
                 && let Some(dec) = self.batch_decode(id, &chunk[*start..*start + p.len], &p.args)
             {
                 let r = run.get_or_insert_with(|| (*start, *start, Vec::new()));
-                r.2.push(id.unwrap_or(command::count()) as u16);
-                self.run_writes |= id.is_none_or(command::may_write);
+                let rid = id.unwrap_or(command::count());
+                r.2.push(rid as u16);
+                self.run_writes |= writes(rid);
                 r.1 = *start + p.len;
                 if dec != cz::Decode::None || self.run_decode.is_some() {
                     let before = r.2.len() - 1;
@@ -538,10 +545,7 @@ where
             }
             let raw = chunk.slice(*start..*start + p.len);
             let args: Vec<Bytes> = if p.inline {
-                p.args
-                    .iter()
-                    .map(|r| resp::inline_arg(&raw[r.clone()]))
-                    .collect()
+                resp::inline_args(&raw, &p.args)
             } else {
                 p.args.iter().map(|r| raw.slice(r.clone())).collect()
             };
@@ -602,11 +606,7 @@ where
     ) -> Option<(Bytes, Duration)> {
         use crate::auth::Verdict;
         let v = if p.inline {
-            let args: Vec<Bytes> = p
-                .args
-                .iter()
-                .map(|r| resp::inline_arg(&raw[r.clone()]))
-                .collect();
+            let args = resp::inline_args(raw, &p.args);
             let id = command::lookup(&args);
             let class = command::classify(&args, id);
             self.auth.check(&self.shared.auth, &args, id, class)
@@ -1170,10 +1170,7 @@ where
             .and_then(|c| c.send(data, count + extra, Some(self.out.clone())));
         match sent {
             Ok(rx) => {
-                // Unknown (module) commands count as writes.
-                let writes = ids
-                    .iter()
-                    .any(|&i| (i as usize) >= command::count() || command::may_write(i as usize));
+                let writes = ids.iter().any(|&i| writes(i as usize));
                 self.writes_in_flight += writes as usize;
                 self.push(Out::Up {
                     rx,

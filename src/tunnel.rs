@@ -98,10 +98,7 @@ async fn upward<CR, UW>(
                         continue;
                     }
                     let inline: Vec<Bytes> = if p.inline {
-                        p.args
-                            .iter()
-                            .map(|r| resp::inline_arg(&raw[r.clone()]))
-                            .collect()
+                        resp::inline_args(raw, &p.args)
                     } else {
                         Vec::new()
                     };
