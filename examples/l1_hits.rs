@@ -86,8 +86,8 @@ fn main() {
             l1.complete(&Bytes::copy_from_slice(k), t, Some(&frame), pttl, outcome);
         }
     }
-    // Warm up (outside the counted functions): moka's maintenance settles
-    // the freshly inserted entries.
+    // Warm up (outside the counted functions): caches and the allocator
+    // settle after the inserts.
     for k in keys.iter().cycle().take(20_000) {
         black_box(l1.lookup(k, &out));
     }

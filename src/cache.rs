@@ -16,32 +16,12 @@
 //!    is back, since invalidations may have been missed.
 
 use crate::config::{L1Config, L1Mode};
+use crate::l1map::{Get, L1Map};
 use bytes::Bytes;
 use dashmap::DashMap;
-use moka::notification::RemovalCause;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// Per-entry overhead counted by the weigher (moka's node, the key's
-/// `Bytes` header, the entry): an estimate, so `max_bytes` bounds memory
-/// rather than payload only.
-const ENTRY_OVERHEAD: usize = 96;
-
-/// Entries live at most `max_ttl` through moka's cache-wide time_to_live.
-/// A key whose PTTL in Redis is shorter also carries its own deadline,
-/// checked on every hit. moka's per-entry `Expiry` would do the same job,
-/// but with it moka converts clocks and consults the policy on every read,
-/// about a sixth of a hit's instructions, even for entries without a PTTL,
-/// which are the common case. The cost of the cheaper path: an entry past
-/// its deadline keeps its bytes until it is next looked up (then it is
-/// dropped), Redis' invalidation for the expired key arrives (tracking
-/// mode), or `max_ttl` runs out.
-#[derive(Clone)]
-struct Entry {
-    frame: Bytes,
-    expires: Option<Instant>,
-}
 
 #[derive(Debug, Default)]
 pub struct L1Stats {
@@ -78,25 +58,9 @@ type FillTx = (
     Arc<crate::upstream::OutBytes>,
 );
 
-/// moka's default hasher is SipHash, which was the largest single cost of
-/// a hit (about a seventh of its instructions for a 10-byte key). foldhash
-/// is seeded per process, so keys a client picks still cannot be aimed at
-/// one bucket without learning the seed, which is the guard L1 needs. The
-/// `quality` variant (one more multiply than `fast`, under 1% of a hit)
-/// because the same hash feeds moka's frequency sketch, and admission is
-/// only as good as that sketch's spread.
-type KeyHasher = foldhash::quality::RandomState;
-
-/// The stored key. A hit compares the request's key with the stored one,
-/// and a `Bytes` key sends that comparison through moka's key allocation
-/// to a second one holding the bytes: one more cache miss per hit, on the
-/// path where misses are most of the time. Keys up to 32 bytes (most) sit
-/// inline in moka's allocation; longer ones spill to the heap as before.
-type Key = smallvec::SmallVec<[u8; 32]>;
-
 pub struct L1 {
     pub mode: L1Mode,
-    cache: moka::sync::Cache<Key, Entry, KeyHasher>,
+    map: L1Map,
     pending: DashMap<Bytes, Pending>,
     /// Waiters by fill token. Registered only under the key's marker lock
     /// while the marker holds that token, and drained by `complete` after
@@ -144,26 +108,10 @@ impl L1 {
         }
         let max_ttl = Duration::from_millis(cfg.max_ttl_ms.max(1));
         let stats = Arc::new(L1Stats::default());
-        let st = stats.clone();
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(cfg.max_bytes)
-            .weigher(|k: &Key, v: &Entry| {
-                (k.len() + v.frame.len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
-            })
-            .time_to_live(max_ttl)
-            .eviction_listener(move |_k, _v, cause| match cause {
-                RemovalCause::Size => {
-                    st.evicted_size.fetch_add(1, Ordering::Relaxed);
-                }
-                RemovalCause::Expired => {
-                    st.evicted_expired.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {}
-            })
-            .build_with_hasher(KeyHasher::default());
+        let map = L1Map::new(cfg.max_bytes, cfg.max_value_bytes);
         Some(Arc::new(L1 {
             mode: cfg.mode,
-            cache,
+            map,
             pending: DashMap::new(),
             waiters: DashMap::new(),
             next_token: AtomicU64::new(1),
@@ -214,20 +162,16 @@ impl L1 {
         }
     }
 
-    /// The entry's frame unless it outlived its key's PTTL.
+    /// The entry's frame unless it outlived its deadline (its key's PTTL
+    /// or `max_ttl`).
     fn get(&self, key: &[u8]) -> Option<Bytes> {
-        let e = self.cache.get(key)?;
-        match e.expires {
-            Some(t) if Instant::now() >= t => {
-                // Dropping it may also drop a newer entry a fill installed
-                // just now: that costs a hit, never a stale read. moka
-                // reports this removal as explicit, so it is counted here
-                // to keep evicted_expired meaning "ended by expiry".
-                self.cache.invalidate(key);
+        match self.map.get(key, Instant::now()) {
+            Get::Hit(frame) => Some(frame),
+            Get::Miss => None,
+            Get::Expired => {
                 self.stats.evicted_expired.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            _ => Some(e.frame),
         }
     }
 
@@ -318,17 +262,19 @@ impl L1 {
             } else {
                 self.max_ttl
             };
-            self.cache.insert(
-                Key::from_slice(key),
-                Entry {
-                    frame: frame.clone(),
-                    // moka's time_to_live already enforces max_ttl. The
-                    // PTTL counts from before the fill was sent (the
-                    // marker's birth), not from now, so the entry dies no
-                    // later than the key in Redis.
-                    expires: (ttl < self.max_ttl).then(|| marker.get().since + ttl),
-                },
-            );
+            // The PTTL counts from before the fill was sent (the marker's
+            // birth), not from now, so the entry dies no later than the key
+            // in Redis.
+            let now = Instant::now();
+            let ev = self
+                .map
+                .insert(key, frame.clone(), marker.get().since + ttl, now);
+            self.stats
+                .evicted_size
+                .fetch_add(ev.size, Ordering::Relaxed);
+            self.stats
+                .evicted_expired
+                .fetch_add(ev.expired, Ordering::Relaxed);
             self.stats.fills.fetch_add(1, Ordering::Relaxed);
         } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +286,7 @@ impl L1 {
     /// Forgets a key: its entry and any fill in flight.
     pub fn invalidate(&self, key: &[u8]) {
         self.pending.remove(key);
-        self.cache.invalidate(key);
+        self.map.remove(key);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -351,7 +297,7 @@ impl L1 {
             Ordering::Release,
         );
         self.pending.clear();
-        self.cache.invalidate_all();
+        self.map.clear();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -408,13 +354,11 @@ impl L1 {
     }
 
     pub fn entries(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.map.entries()
     }
 
     pub fn bytes(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.weighted_size()
+        self.map.bytes()
     }
 
     /// Field/value pairs for PROXY L1 STATS and INFO.

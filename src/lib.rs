@@ -7,6 +7,7 @@
 //! - [`resp`]: request parser with limits, resumable reply-frame scanner, reply builders.
 //! - [`command`]: the command table generated from Redis' `COMMAND` and classification.
 //! - [`upstream`]: multiplexed, pipelined shared connections; dedicated connections.
+//! - [`cache`], [`l1map`]: L1 coherence (fills, markers, invalidation) and its byte-bounded store.
 //! - [`local`]: in-process store for a first run without Redis.
 //! - [`auth`]: proxy users: AUTH, roles, key prefixes (the session's gate).
 //! - [`tls`]: TLS termination for clients and TLS to the upstream (rustls, ring).
@@ -23,6 +24,7 @@ pub mod command;
 pub mod compress;
 pub mod compress_cmd;
 pub mod config;
+pub mod l1map;
 pub mod local;
 pub mod logging;
 pub mod metrics;
