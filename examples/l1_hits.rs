@@ -22,12 +22,16 @@ use std::sync::Arc;
 #[inline(never)]
 fn hits(l1: &L1, keys: &[Vec<u8>], n: usize) -> usize {
     let out = Arc::new(OutBytes::default());
+    let mut dst = Vec::with_capacity(64 * 1024);
     let mut hit = 0;
     let mut i = 0usize;
     for _ in 0..n {
         i = (i + 7919) % keys.len();
-        if let Lookup::Hit(f) = l1.lookup(black_box(&keys[i]), &out) {
-            hit += black_box(f).len();
+        dst.clear();
+        match l1.lookup(black_box(&keys[i]), &out, Some(&mut dst)) {
+            Lookup::Copied(n) => hit += black_box(&dst).len().min(n),
+            Lookup::Hit(f) => hit += black_box(f).len(),
+            _ => {}
         }
     }
     hit
@@ -37,6 +41,7 @@ fn hits(l1: &L1, keys: &[Vec<u8>], n: usize) -> usize {
 fn requests(l1: &L1, reqs: &[Vec<u8>], n: usize) -> usize {
     let out = Arc::new(OutBytes::default());
     let limits = Limits::default();
+    let mut dst = Vec::with_capacity(64 * 1024);
     let mut hit = 0;
     let mut i = 0usize;
     for _ in 0..n {
@@ -51,8 +56,11 @@ fn requests(l1: &L1, reqs: &[Vec<u8>], n: usize) -> usize {
         };
         let id = command::lookup(&view);
         black_box(command::classify(&view, id));
-        if let Lookup::Hit(f) = l1.lookup(view.arg(1).unwrap_or_default(), &out) {
-            hit += black_box(f).len();
+        dst.clear();
+        match l1.lookup(view.arg(1).unwrap_or_default(), &out, Some(&mut dst)) {
+            Lookup::Copied(n) => hit += black_box(&dst).len().min(n),
+            Lookup::Hit(f) => hit += black_box(f).len(),
+            _ => {}
         }
     }
     hit
@@ -78,7 +86,7 @@ fn main() {
         .collect();
     let out = Arc::new(OutBytes::default());
     for k in &keys {
-        if let Lookup::Fill(t, _) = l1.lookup(k, &out) {
+        if let Lookup::Fill(t, _) = l1.lookup(k, &out, None) {
             let outcome = Ok(Reply {
                 data: frame.clone(),
                 errors: 0,
@@ -89,7 +97,7 @@ fn main() {
     // Warm up (outside the counted functions): caches and the allocator
     // settle after the inserts.
     for k in keys.iter().cycle().take(20_000) {
-        black_box(l1.lookup(k, &out));
+        black_box(l1.lookup(k, &out, None));
     }
     let reqs: Vec<Vec<u8>> = keys
         .iter()

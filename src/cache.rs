@@ -42,6 +42,11 @@ struct Pending {
     since: Instant,
 }
 
+/// Hits up to this size are copied into the session's output buffer while
+/// the shard is held; larger ones are shared (a copy would hold the shard
+/// for longer than a refcount costs).
+const COPY_MAX: usize = 16 * 1024;
+
 /// A marker older than this belongs to a fill whose session vanished
 /// before completing it; it no longer blocks new fills.
 const STALE_PENDING: Duration = Duration::from_secs(30);
@@ -91,6 +96,8 @@ pub struct L1 {
 /// What a GET should do.
 pub enum Lookup {
     Hit(Bytes),
+    /// A hit already appended to the caller's buffer.
+    Copied(usize),
     /// Read through the tracking connection and install with this token;
     /// the outcome arrives on the receiver, as for every waiter.
     Fill(u64, FillRx),
@@ -129,13 +136,28 @@ impl L1 {
 
     /// Looks a key up for a GET. The caller makes sure no write of its
     /// session is in flight (a fill or a wait would not see that write).
-    pub fn lookup(&self, key: &[u8], out: &Arc<crate::upstream::OutBytes>) -> Lookup {
+    ///
+    /// With `dst`, a hit of at most `COPY_MAX` bytes is appended to it
+    /// (`Copied`) instead of being handed out as a `Bytes`.
+    pub fn lookup(
+        &self,
+        key: &[u8],
+        out: &Arc<crate::upstream::OutBytes>,
+        dst: Option<&mut Vec<u8>>,
+    ) -> Lookup {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return Lookup::Bypass;
         }
-        if let Some(frame) = self.get(key) {
+        let found = self.map.get_with(key, Instant::now(), |frame| match dst {
+            Some(d) if frame.len() <= COPY_MAX => {
+                d.extend_from_slice(frame);
+                Lookup::Copied(frame.len())
+            }
+            _ => Lookup::Hit(frame.clone()),
+        });
+        if let Some(hit) = self.found(found) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Hit(frame);
+            return hit;
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -165,8 +187,12 @@ impl L1 {
     /// The entry's frame unless it outlived its deadline (its key's PTTL
     /// or `max_ttl`).
     fn get(&self, key: &[u8]) -> Option<Bytes> {
-        match self.map.get(key, Instant::now()) {
-            Get::Hit(frame) => Some(frame),
+        self.found(self.map.get_with(key, Instant::now(), Bytes::clone))
+    }
+
+    fn found<R>(&self, g: Get<R>) -> Option<R> {
+        match g {
+            Get::Hit(r) => Some(r),
             Get::Miss => None,
             Get::Expired => {
                 self.stats.evicted_expired.fetch_add(1, Ordering::Relaxed);
@@ -464,26 +490,52 @@ mod tests {
     fn fill_then_hit_then_invalidate() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         assert!(l.complete(&k, t, Some(&frame), -1, ok()));
-        assert!(matches!(l.lookup(b"k", &out()), Lookup::Hit(f) if f == frame));
+        assert!(matches!(l.lookup(b"k", &out(), None), Lookup::Hit(f) if f == frame));
         l.invalidate(b"k");
         assert!(l.peek(b"k").is_none());
+    }
+
+    #[test]
+    fn small_hits_are_copied_large_ones_shared() {
+        let l = l1();
+        for (key, size) in [(&b"small"[..], 100), (&b"large"[..], COPY_MAX + 1)] {
+            let Lookup::Fill(t, _) = l.lookup(key, &out(), None) else {
+                panic!()
+            };
+            let frame = Bytes::from(vec![b'v'; size]);
+            let k = Bytes::copy_from_slice(key);
+            assert!(l.complete(&k, t, Some(&frame), -1, ok()));
+        }
+        let mut dst = b"before".to_vec();
+        assert!(matches!(
+            l.lookup(b"small", &out(), Some(&mut dst)),
+            Lookup::Copied(100)
+        ));
+        assert_eq!(dst.len(), 106);
+        assert!(dst[6..].iter().all(|&b| b == b'v'));
+        assert!(matches!(
+            l.lookup(b"large", &out(), Some(&mut dst)),
+            Lookup::Hit(f) if f.len() == COPY_MAX + 1
+        ));
+        assert_eq!(dst.len(), 106);
+        assert_eq!(l.stats.hits.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn keys_longer_than_the_inline_key_work_the_same() {
         let l = l1();
         let long = vec![b'k'; 100];
-        let Lookup::Fill(t, _) = l.lookup(&long, &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(&long, &out(), None) else {
             panic!()
         };
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         assert!(l.complete(&Bytes::from(long.clone()), t, Some(&frame), -1, ok()));
-        assert!(matches!(l.lookup(&long, &out()), Lookup::Hit(f) if f == frame));
+        assert!(matches!(l.lookup(&long, &out(), None), Lookup::Hit(f) if f == frame));
         assert!(l.peek(&long[..99]).is_none());
         l.invalidate(&long);
         assert!(l.peek(&long).is_none());
@@ -493,11 +545,11 @@ mod tests {
     fn invalidation_during_fill_discards_it() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         // A second miss while the fill is in flight waits for it.
-        let Lookup::Wait(mut rx) = l.lookup(b"k", &out()) else {
+        let Lookup::Wait(mut rx) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         l.invalidate(b"k");
@@ -512,7 +564,7 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().unwrap().data, old);
         assert!(l.waiters.is_empty());
         assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 1);
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         l.flush();
@@ -523,14 +575,14 @@ mod tests {
     fn ttl_follows_redis_and_missing_keys_are_not_cached() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), 30, ok()));
         std::thread::sleep(Duration::from_millis(60));
         assert!(l.peek(b"k").is_none(), "outlived its PTTL");
         assert_eq!(l.stats.evicted_expired.load(Ordering::Relaxed), 1);
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
         assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2, ok()));
@@ -547,11 +599,11 @@ mod tests {
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         // No PTTL, and a PTTL longer than max_ttl: both end at max_ttl.
         for (k, pttl) in [(&b"a"[..], -1), (&b"b"[..], 60_000)] {
-            let Lookup::Fill(t, _) = l.lookup(k, &out()) else {
+            let Lookup::Fill(t, _) = l.lookup(k, &out(), None) else {
                 panic!()
             };
             assert!(l.complete(&Bytes::copy_from_slice(k), t, Some(&frame), pttl, ok()));
-            assert!(matches!(l.lookup(k, &out()), Lookup::Hit(_)));
+            assert!(matches!(l.lookup(k, &out(), None), Lookup::Hit(_)));
         }
         std::thread::sleep(Duration::from_millis(80));
         assert!(l.peek(b"a").is_none());
@@ -567,22 +619,28 @@ mod tests {
             ..L1Config::default()
         };
         let l = L1::new(&cfg).unwrap();
-        assert!(matches!(l.lookup(b"user:1", &out()), Lookup::Fill(..)));
-        assert!(matches!(l.lookup(b"other", &out()), Lookup::Bypass));
-        assert!(matches!(l.lookup(b"user:secret:x", &out()), Lookup::Bypass));
+        assert!(matches!(
+            l.lookup(b"user:1", &out(), None),
+            Lookup::Fill(..)
+        ));
+        assert!(matches!(l.lookup(b"other", &out(), None), Lookup::Bypass));
+        assert!(matches!(
+            l.lookup(b"user:secret:x", &out(), None),
+            Lookup::Bypass
+        ));
     }
 
     #[test]
     fn pushes() {
         let l = l1();
         let k = Bytes::from_static(b"a");
-        let Lookup::Fill(t, _) = l.lookup(b"a", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"a", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));
         l.on_push(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n");
         assert!(l.peek(b"a").is_none());
-        let Lookup::Fill(t, _) = l.lookup(b"a", &out()) else {
+        let Lookup::Fill(t, _) = l.lookup(b"a", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));

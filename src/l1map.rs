@@ -64,8 +64,9 @@ struct Shard {
 #[derive(Default)]
 struct Padded(Mutex<Shard>);
 
-pub enum Get {
-    Hit(Bytes),
+pub enum Get<R> {
+    /// What the caller's closure made of the frame.
+    Hit(R),
     Miss,
     /// Found past its deadline, and removed.
     Expired,
@@ -110,7 +111,10 @@ impl L1Map {
         self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, key: &[u8], now: Instant) -> Get {
+    /// Looks `key` up and hands its frame to `f` while the shard is held,
+    /// so a small frame can be copied out without touching its refcount
+    /// (an atomic on a line other threads' hits also write).
+    pub fn get_with<R>(&self, key: &[u8], now: Instant, f: impl FnOnce(&Bytes) -> R) -> Get<R> {
         let hash = self.hasher.hash_one(key);
         let mut sh = self.shard(hash);
         let Some(i) = sh.find(hash, key) else {
@@ -122,7 +126,12 @@ impl L1Map {
             return Get::Expired;
         }
         slot.referenced = true;
-        Get::Hit(slot.frame.clone())
+        Get::Hit(f(&slot.frame))
+    }
+
+    #[cfg(test)]
+    fn get(&self, key: &[u8], now: Instant) -> Get<Bytes> {
+        self.get_with(key, now, Bytes::clone)
     }
 
     /// Installs `frame` for `key` until `deadline`, replacing any entry of

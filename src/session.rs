@@ -143,6 +143,8 @@ pub struct Session<W> {
     cap: usize,
     wr: W,
     wbuf: Vec<u8>,
+    /// Bytes of `wbuf` counted in `out` (L1 hits copied in directly).
+    wbuf_owed: usize,
     out: Arc<OutBytes>,
     /// The client can no longer be written to.
     broken: bool,
@@ -209,6 +211,7 @@ where
         cap,
         wr,
         wbuf: Vec::with_capacity(16 * 1024),
+        wbuf_owed: 0,
         out: out.clone(),
         broken: false,
         quit: false,
@@ -457,7 +460,22 @@ where
             let l1_usable = !self.run_writes && self.writes_in_flight == 0 && self.pinned.is_none();
             if let (Some(l1), false) = (&l1, p.inline) {
                 if id == *GET_ID && p.args.len() == 2 && l1_usable {
-                    match l1.lookup(view.arg(1).unwrap_or_default(), &self.out) {
+                    // With nothing ahead of it, a hit goes straight into
+                    // the output buffer (counted against the output cap
+                    // until written, as a queued reply is).
+                    let direct = run.is_none() && self.queue.is_empty();
+                    let dst = direct.then_some(&mut self.wbuf);
+                    match l1.lookup(view.arg(1).unwrap_or_default(), &self.out, dst) {
+                        Lookup::Copied(n) => {
+                            self.out.add(n);
+                            self.wbuf_owed += n;
+                            self.shared.metrics.command(
+                                GET_ID.unwrap_or(0),
+                                false,
+                                Some(Duration::ZERO),
+                            );
+                            continue;
+                        }
                         Lookup::Hit(frame) => {
                             self.flush_run(&chunk, &mut run).await;
                             self.shared.metrics.command(
@@ -693,6 +711,7 @@ where
         if !self.wbuf.is_empty() {
             let buf = std::mem::take(&mut self.wbuf);
             self.write_out(&buf).await;
+            self.out.sub(std::mem::take(&mut self.wbuf_owed));
             self.wbuf = buf;
             self.wbuf.clear();
             self.wbuf.shrink_to(1 << 20);
