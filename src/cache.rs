@@ -45,7 +45,7 @@ struct Pending {
 /// Hits up to this size are copied into the session's output buffer while
 /// the shard is held; larger ones are shared (a copy would hold the shard
 /// for longer than a refcount costs).
-const COPY_MAX: usize = 16 * 1024;
+pub const COPY_MAX: usize = 16 * 1024;
 
 /// A marker older than this belongs to a fill whose session vanished
 /// before completing it; it no longer blocks new fills.
@@ -278,23 +278,28 @@ impl L1 {
         }
         let current =
             token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
+        let ttl = if pttl > 0 {
+            self.max_ttl.min(Duration::from_millis(pttl as u64))
+        } else {
+            self.max_ttl
+        };
+        // The PTTL counts from before the fill was sent (the marker's
+        // birth), not from now, so the entry dies no later than the key in
+        // Redis. A fill slower than the key's remaining life installs nothing.
+        let now = Instant::now();
+        let deadline = marker.get().since + ttl;
         let installable = match frame {
-            Some(f) => current && pttl != -2 && pttl != 0 && f.len() <= self.max_value_bytes,
+            Some(f) => {
+                current
+                    && pttl != -2
+                    && pttl != 0
+                    && f.len() <= self.max_value_bytes
+                    && deadline > now
+            }
             None => false,
         };
         if let (true, Some(frame)) = (installable, frame) {
-            let ttl = if pttl > 0 {
-                self.max_ttl.min(Duration::from_millis(pttl as u64))
-            } else {
-                self.max_ttl
-            };
-            // The PTTL counts from before the fill was sent (the marker's
-            // birth), not from now, so the entry dies no later than the key
-            // in Redis.
-            let now = Instant::now();
-            let ev = self
-                .map
-                .insert(key, frame.clone(), marker.get().since + ttl, now);
+            let ev = self.map.insert(key, frame.clone(), deadline, now);
             self.stats
                 .evicted_size
                 .fetch_add(ev.size, Ordering::Relaxed);

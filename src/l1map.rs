@@ -39,7 +39,7 @@ struct Slot {
     hash: u64,
     /// The earlier of the key's own expiry in Redis and `max_ttl`.
     deadline: Instant,
-    weight: u32,
+    weight: usize,
     /// Set by hits, cleared by the passing clock hand.
     referenced: bool,
 }
@@ -103,8 +103,11 @@ impl L1Map {
     }
 
     fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {
-        // The table uses the low bits; the shard takes the high ones.
-        let i = (hash >> 58) as usize & (self.shards.len() - 1);
+        // hashbrown takes its bucket from the low bits and its 7-bit tag
+        // from the top ones: the shard comes from the middle, so keys of
+        // one shard do not share tags (which would make probes compare
+        // keys in vain).
+        let i = (hash >> 32) as usize & (self.shards.len() - 1);
         // A panic while a shard was held cannot leave it half-updated in a
         // way a reader could misuse (frames are immutable), so poisoning is
         // ignored rather than spread.
@@ -160,7 +163,7 @@ impl L1Map {
             frame,
             hash,
             deadline,
-            weight: weight as u32,
+            weight,
             referenced: false,
         };
         let i = match sh.free.pop() {
@@ -241,7 +244,7 @@ impl Shard {
         if let Ok(e) = self.table.find_entry(slot.hash, |&j| j as usize == i) {
             e.remove();
         }
-        self.bytes -= slot.weight as usize;
+        self.bytes -= slot.weight;
         self.free.push(i as u32);
     }
 

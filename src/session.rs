@@ -128,6 +128,8 @@ fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 /// Replies this large are written from their own buffer, not copied.
 const DIRECT: usize = 64 * 1024;
+/// L1 hits are copied into the output buffer only while it holds less.
+const WBUF_DIRECT: usize = 1024 * 1024;
 
 /// Commands that the proxy answers or steers; every other reply comes from Redis.
 pub struct Session<W> {
@@ -463,7 +465,16 @@ where
                     // With nothing ahead of it, a hit goes straight into
                     // the output buffer (counted against the output cap
                     // until written, as a queued reply is).
-                    let direct = run.is_none() && self.queue.is_empty();
+                    // Bounded: past WBUF_DIRECT hits take queue slots again,
+                    // so the pipeline cap holds back a client's input
+                    // before its unwritten replies grow large.
+                    let direct =
+                        run.is_none() && self.queue.is_empty() && self.wbuf.len() < WBUF_DIRECT;
+                    if direct {
+                        // Any growth of the buffer happens here, not under
+                        // the cache shard's lock.
+                        self.wbuf.reserve(crate::cache::COPY_MAX);
+                    }
                     let dst = direct.then_some(&mut self.wbuf);
                     match l1.lookup(view.arg(1).unwrap_or_default(), &self.out, dst) {
                         Lookup::Copied(n) => {

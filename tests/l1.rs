@@ -513,3 +513,36 @@ fn concurrent_misses_coalesce_into_one_read() {
     assert_eq!(v, "v");
     assert_eq!(redis.calls("get") - before, 1);
 }
+
+/// A client that pipelines many L1 hits and reads its replies normally is
+/// not cut off by limits.max_output_bytes: hits copied straight into the
+/// output buffer are bounded there, then take pipeline slots, so the
+/// session writes before it reads ever more.
+#[test]
+fn a_deep_pipeline_of_large_hits_is_served_not_cut_off() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "limits.max_output_bytes=67108864"]);
+    let mut c = proxy.conn();
+    let val = vec![b'h'; 12 * 1024];
+    for i in 0..10 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("big{i}"))
+            .arg(&val)
+            .query(&mut c)
+            .unwrap();
+        let _: Vec<u8> = redis::cmd("GET")
+            .arg(format!("big{i}"))
+            .query(&mut c)
+            .unwrap();
+    }
+    let hits_before = l1_stat(&mut c, "hits");
+    // 8000 x 12 KiB = 94 MiB of replies to ~250 KB of requests.
+    let mut p = redis::pipe();
+    for i in 0..8000 {
+        p.cmd("GET").arg(format!("big{}", i % 10));
+    }
+    let replies: Vec<Vec<u8>> = p.query(&mut c).unwrap();
+    assert_eq!(replies.len(), 8000);
+    assert!(replies.iter().all(|r| r == &val));
+    assert!(l1_stat(&mut c, "hits") - hits_before >= 8000);
+}
