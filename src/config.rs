@@ -47,7 +47,8 @@ pub struct ServerConfig {
     /// 0 disables, as Redis' `timeout 0`.
     pub idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
-    /// Worker threads; 0 = one per CPU core, 1 = a single-threaded runtime.
+    /// Worker threads; 0 = automatic (one per CPU core, a single thread on
+    /// two cores or fewer), 1 = a single-threaded runtime.
     pub threads: usize,
     /// A client that started a request must complete it (or keep sending at
     /// least 16 KiB per period) within this many ms; 0 disables.

@@ -91,10 +91,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     respite::logging::init(&cfg.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = worker_threads(cfg.server.threads);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    tracing::info!(threads, configured = cfg.server.threads, "runtime");
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("respite: cannot start runtime: {e}");
@@ -102,6 +108,20 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(serve(cfg))
+}
+
+/// `server.threads`, with 0 settled for this machine: one worker per core,
+/// except on one or two cores, where a single thread measured faster in
+/// every `scripts/bench` case (the cores are shared with Redis and clients,
+/// and a second worker mostly adds cross-thread wake-ups and steals).
+fn worker_threads(configured: usize) -> usize {
+    match configured {
+        0 => match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            n if n <= 2 => 1,
+            n => n,
+        },
+        n => n,
+    }
 }
 
 async fn serve(cfg: Config) -> ExitCode {
@@ -143,4 +163,18 @@ async fn serve(cfg: Config) -> ExitCode {
     running.drain().await;
     tracing::info!("bye");
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn automatic_threads_follow_the_core_count() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = worker_threads(0);
+        assert_eq!(auto, if cores <= 2 { 1 } else { cores });
+        assert_eq!(worker_threads(1), 1);
+        assert_eq!(worker_threads(3), 3);
+    }
 }

@@ -75,8 +75,9 @@ fn second_get_is_served_without_upstream_command() {
 #[test]
 fn writes_elsewhere_are_visible_fast() {
     let redis = RedisServer::start();
-    let p1 = Proxy::start(&redis.url(), &[]);
-    let p2 = Proxy::start(&redis.url(), &[]);
+    // One single-threaded proxy and one with two workers.
+    let p1 = Proxy::start(&redis.url(), &["--set", "server.threads=1"]);
+    let p2 = Proxy::start(&redis.url(), &["--set", "server.threads=2"]);
     let mut c1 = p1.conn();
     let mut c2 = p2.conn();
     let mut direct = redis.conn();
@@ -281,8 +282,9 @@ fn byte_bound_holds_under_a_larger_working_set() {
 /// final versions shortly after the writers stop.
 fn coherence_checker(duration: Duration) {
     let redis = RedisServer::start();
-    let p1 = Proxy::start(&redis.url(), &[]);
-    let p2 = Proxy::start(&redis.url(), &[]);
+    // One single-threaded proxy and one with two workers.
+    let p1 = Proxy::start(&redis.url(), &["--set", "server.threads=1"]);
+    let p2 = Proxy::start(&redis.url(), &["--set", "server.threads=2"]);
     const KEYS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
     let ports = [redis.port, p1.port, p2.port];

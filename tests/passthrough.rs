@@ -225,10 +225,19 @@ fn resp3_after_hello_and_resp2_never_sees_resp3() {
     assert_eq!(m.get("f").map(String::as_str), Some("v"));
 }
 
+/// Both runtimes (`server.threads` 0 picks one of them by core count).
+const RUNTIMES: [&str; 2] = ["server.threads=1", "server.threads=2"];
+
 #[test]
 fn deep_pipeline_mixed_families_in_order() {
+    for rt in RUNTIMES {
+        deep_pipeline_on(rt);
+    }
+}
+
+fn deep_pipeline_on(runtime: &str) {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.url(), &[]);
+    let proxy = Proxy::start(&redis.url(), &["--set", runtime]);
     let mut con = proxy.conn();
     let mut p = redis::pipe();
     for i in 0..10_000 {
@@ -520,8 +529,14 @@ fn info_has_proxy_section_and_redis_sections() {
 
 #[test]
 fn thousand_concurrent_clients() {
+    for rt in RUNTIMES {
+        thousand_clients_on(rt);
+    }
+}
+
+fn thousand_clients_on(runtime: &str) {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.url(), &[]);
+    let proxy = Proxy::start(&redis.url(), &["--set", runtime]);
     let port = proxy.port;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
