@@ -128,6 +128,28 @@ fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 /// Replies this large are written from their own buffer, not copied.
 const DIRECT: usize = 64 * 1024;
+/// On a single-threaded runtime, compressing a write at least this large
+/// runs on tokio's blocking pool: the session waits for it (its order is
+/// kept), other clients do not, and LZ4 (~35 us per 32 KiB here) can use
+/// another core. Measured on 64 KiB SETs: 11.2k -> 12.6k ops/s. Not done
+/// for replies: decompression is fast enough that the hand-off cost more
+/// than it saved (GET 64 KiB: 19.9k -> 18.7k ops/s).
+const OFFLOAD_BYTES: usize = 32 * 1024;
+
+/// Runs `f` on the blocking pool when `big` and the runtime has a single
+/// thread, else right here. A panic in `f` is resumed in the caller, as if
+/// it had run inline.
+async fn offload<T: Send + 'static>(big: bool, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if !big || Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread {
+        return f();
+    }
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// L1 hits are copied into the output buffer only while it holds less.
 const WBUF_DIRECT: usize = 1024 * 1024;
 
@@ -912,8 +934,20 @@ where
                 return true;
             }
             Kind::Write(w) => {
-                let (new, decode, written) =
-                    cz::rewrite_write(w, args, &policy, &self.shared.metrics.compression);
+                let size: usize = args.iter().map(|a| a.len()).sum();
+                let (new, decode, written) = if size >= OFFLOAD_BYTES {
+                    let (cfg, m, args) = (cfg.clone(), self.shared.metrics.clone(), args.to_vec());
+                    offload(true, move || {
+                        let policy = cz::Policy {
+                            codec: cfg.compression.codec(),
+                            exclude: &cfg.compression.exclude,
+                        };
+                        cz::rewrite_write(w, &args, &policy, &m.compression)
+                    })
+                    .await
+                } else {
+                    cz::rewrite_write(w, args, &policy, &self.shared.metrics.compression)
+                };
                 let post = if multi {
                     self.tx_queue.queued.push(decode);
                     self.tx_queue.written.extend(written);

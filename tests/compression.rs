@@ -383,6 +383,10 @@ fn differential(seed: u64, ops: usize, min_bytes: &str) {
             &format!("compression.min_bytes={min_bytes}"),
             "--set",
             "compression.enabled=true",
+            // Single-threaded: large values are then compressed on the
+            // blocking pool, whatever the machine's core count.
+            "--set",
+            "server.threads=1",
         ],
     );
     let mut a = Raw::connect(direct.port);
