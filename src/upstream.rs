@@ -472,6 +472,8 @@ struct Cut {
     /// Frame count of the head batch, cached so the queue lock is taken once
     /// per batch rather than once per frame.
     head: Option<u32>,
+    /// Size of the last complete batch: the reader makes room for the next.
+    last_batch: usize,
 }
 
 impl Cut {
@@ -517,6 +519,7 @@ impl Cut {
             self.frame_start += end;
             if self.done == count {
                 let data = buf.split_to(self.frame_start).freeze();
+                self.last_batch = data.len();
                 // The watchdog may have failed the queue meanwhile.
                 let Some(f) = inflight.lock().unwrap().pop_front() else {
                     return Err(UpError::Lost);
@@ -555,8 +558,20 @@ async fn reader(
         if let Err(e) = cut.drain(&mut buf, &inflight, &metrics, on_push.as_ref()) {
             break e;
         }
+        // Room for the next read. Growing in place would copy everything
+        // the allocation ever held (bytes' realloc keeps the consumed
+        // prefix), and fixed 64 KiB steps made a 640 KiB batch of replies
+        // cost megabytes of copying. So a new buffer is taken, sized for a
+        // few batches like the last one, and only the part of the current
+        // batch that has arrived moves into it.
         if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
+            // At most 8 MiB ahead: one huge reply must not leave every
+            // later buffer of this connection that large.
+            let ahead = (4 * cut.last_batch).min(8 << 20);
+            let want = (64 * 1024).max(2 * buf.len()).max(ahead) + 16 * 1024;
+            let mut fresh = BytesMut::with_capacity(want);
+            fresh.extend_from_slice(&buf);
+            buf = fresh;
         }
         tokio::select! {
             n = r.read_buf(&mut buf) => match n {
