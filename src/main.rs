@@ -5,13 +5,6 @@ use respite::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc malloc: replies of a pipelined batch of large
-/// values (MGET of 4 KiB values, 16 deep: ~640 KiB) went through glibc's
-/// mmap threshold, so every batch was mapped, page-faulted and zeroed
-/// afresh (page faults and page clearing were ~20% of respite's CPU).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "respite", version, about = "Redis-protocol caching proxy")]
 struct Cli {
