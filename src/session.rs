@@ -131,10 +131,15 @@ const DIRECT: usize = 64 * 1024;
 /// On a single-threaded runtime, compressing a write at least this large
 /// runs on tokio's blocking pool: the session waits for it (its order is
 /// kept), other clients do not, and LZ4 (~35 us per 32 KiB here) can use
-/// another core. Measured on 64 KiB SETs: 11.2k -> 12.6k ops/s. Not done
-/// for replies: decompression is fast enough that the hand-off cost more
-/// than it saved (GET 64 KiB: 19.9k -> 18.7k ops/s).
+/// another core. Measured on 64 KiB SETs: 11.2k -> 12.6k ops/s. Replies
+/// of 64 KiB values (~20 KiB compressed) stay inline: decompression is fast
+/// enough that the hand-off cost more than it saved (19.9k -> 18.7k ops/s).
 const OFFLOAD_BYTES: usize = 32 * 1024;
+
+/// Replies this large are decompressed on the blocking pool (single-threaded
+/// runtime): not for speed, but so that decoding a huge value (tens of ms
+/// for 100 MB) does not stall every other client meanwhile.
+const OFFLOAD_REPLY_BYTES: usize = 128 * 1024;
 
 /// Runs `f` on the blocking pool when `big` and the runtime has a single
 /// thread, else right here. A panic in `f` is resumed in the caller, as if
@@ -825,12 +830,15 @@ where
                             Post::Mget(slots) => merge_mget(slots, reply.data),
                             Post::Replace(b) => b,
                             Post::First => first_frame(reply.data),
-                            Post::Decode(d) => cz::decode_reply(
-                                &d,
-                                reply.data,
-                                &self.shared.config().compression.codec(),
-                                &metrics.compression,
-                            ),
+                            Post::Decode(d) => {
+                                let codec = self.shared.config().compression.codec();
+                                let m = metrics.clone();
+                                let data = reply.data;
+                                offload(data.len() >= OFFLOAD_REPLY_BYTES, move || {
+                                    cz::decode_reply(&d, data, &codec, &m.compression)
+                                })
+                                .await
+                            }
                         };
                         if data.len() > n {
                             // Decompressed: the client is owed more.
