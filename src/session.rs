@@ -141,14 +141,17 @@ const OFFLOAD_BYTES: usize = 32 * 1024;
 /// for 100 MB) does not stall every other client meanwhile.
 const OFFLOAD_REPLY_BYTES: usize = 128 * 1024;
 
-/// Runs `f` on the blocking pool when `big` and the runtime has a single
-/// thread, else right here. A panic in `f` is resumed in the caller, as if
-/// it had run inline.
-async fn offload<T: Send + 'static>(big: bool, f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Whether work on `len` bytes goes to the blocking pool: at least `min`
+/// bytes, and a single-threaded runtime (with several workers, the other
+/// clients have other threads already).
+fn offloaded(len: usize, min: usize) -> bool {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    if !big || Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread {
-        return f();
-    }
+    len >= min && Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread
+}
+
+/// Runs `f` on the blocking pool. A panic in `f` is resumed in the caller,
+/// as if it had run inline.
+async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(t) => t,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -832,12 +835,15 @@ where
                             Post::First => first_frame(reply.data),
                             Post::Decode(d) => {
                                 let codec = self.shared.config().compression.codec();
-                                let m = metrics.clone();
-                                let data = reply.data;
-                                offload(data.len() >= OFFLOAD_REPLY_BYTES, move || {
-                                    cz::decode_reply(&d, data, &codec, &m.compression)
-                                })
-                                .await
+                                if offloaded(reply.data.len(), OFFLOAD_REPLY_BYTES) {
+                                    let m = metrics.clone();
+                                    on_blocking_pool(move || {
+                                        cz::decode_reply(&d, reply.data, &codec, &m.compression)
+                                    })
+                                    .await
+                                } else {
+                                    cz::decode_reply(&d, reply.data, &codec, &metrics.compression)
+                                }
                             }
                         };
                         if data.len() > n {
@@ -943,9 +949,9 @@ where
             }
             Kind::Write(w) => {
                 let size: usize = args.iter().map(|a| a.len()).sum();
-                let (new, decode, written) = if size >= OFFLOAD_BYTES {
+                let (new, decode, written) = if offloaded(size, OFFLOAD_BYTES) {
                     let (cfg, m, args) = (cfg.clone(), self.shared.metrics.clone(), args.to_vec());
-                    offload(true, move || {
+                    on_blocking_pool(move || {
                         let policy = cz::Policy {
                             codec: cfg.compression.codec(),
                             exclude: &cfg.compression.exclude,
