@@ -302,6 +302,12 @@ where
             }
         }
         eager = 0;
+        // The slowloris guard measures how long the client takes to send,
+        // so time spent waiting for the client to read our replies (or for
+        // upstream replies while the pipeline cap keeps us from reading)
+        // moves its deadline on: a client that pipelined a large request
+        // batch and reads the replies slowly is not cut for it.
+        let stalled_since = partial.is_some().then(tokio::time::Instant::now);
         s.emit_ready().await;
         s.flush().await;
         if s.quit || s.broken {
@@ -312,6 +318,9 @@ where
             .clamp(16 * 1024, 4 * 1024 * 1024);
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
+        }
+        if let (Some((d, _)), Some(t0)) = (partial.as_mut(), stalled_since) {
+            *d += t0.elapsed();
         }
         let header_ms = shared.rt.header_timeout_ms.load(Ordering::Relaxed);
         partial = match partial {
@@ -326,13 +335,16 @@ where
             )),
             keep => keep,
         };
-        let header_deadline = partial.map(|(d, _)| d);
+        let reading = s.queue.len() < s.cap;
+        // Not reading (pipeline cap): the client is not the one keeping
+        // the request incomplete, so its clock is paused below.
+        let header_deadline = partial.filter(|_| reading).map(|(d, _)| d);
+        let waited_since = (partial.is_some() && !reading).then(tokio::time::Instant::now);
         let idle = if s.queue.is_empty() {
             shared.rt.idle_timeout()
         } else {
             None
         };
-        let reading = s.queue.len() < s.cap;
         let read = async {
             match idle {
                 Some(t) => match tokio::time::timeout(t, rd.read_buf(&mut buf)).await {
@@ -364,7 +376,12 @@ where
             r = head => {
                 if let Some(r) = r {
                     let item = s.queue.pop_front().expect("head exists");
+                    // Writing may wait on the client's reading: paused below.
+                    let t0 = partial.is_some().then(tokio::time::Instant::now);
                     s.emit(item, Some(r.unwrap_or(Err(UpError::Lost)))).await;
+                    if let (Some((d, _)), Some(t0)) = (partial.as_mut(), t0) {
+                        *d += t0.elapsed();
+                    }
                 }
             }
             r = read, if reading => match r {
@@ -396,6 +413,9 @@ where
                 // timeout): close the client too, as Redis would have.
                 break Flow::Stop;
             }
+        }
+        if let (Some((d, _)), Some(t0)) = (partial.as_mut(), waited_since) {
+            *d += t0.elapsed();
         }
     };
     match flow {

@@ -697,6 +697,52 @@ fn slowloris_request_is_cut_after_header_timeout() {
 }
 
 #[test]
+fn slow_reader_of_a_big_pipeline_is_not_taken_for_a_slowloris() {
+    // A client pipelines many large reads (plus the start of one more),
+    // then takes longer than the header timeout to read the replies, as
+    // redis-cli --pipe does. respite waits on the client's reading, not
+    // the other way round: the request is not cut.
+    let r = RedisServer::start();
+    let p = Proxy::start(
+        &r.url(),
+        &[
+            "--set",
+            "server.header_timeout_ms=300",
+            "--set",
+            "l1.mode=off",
+        ],
+    );
+    let value = incompressible(256 * 1024);
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&value)
+        .query(&mut r.conn())
+        .unwrap();
+    const N: usize = 64; // 16 MiB of replies: far more than socket buffers hold
+    let mut c = p.raw();
+    let mut req = Vec::new();
+    for _ in 0..N {
+        req.extend_from_slice(&cmd_bytes(&[b"GET", b"big"]));
+    }
+    req.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$3\r\nb");
+    c.send(&req);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut want = format!("${}\r\n", value.len()).into_bytes();
+    want.extend_from_slice(&value);
+    want.extend_from_slice(b"\r\n");
+    for i in 0..N {
+        assert!(c.read_reply() == want, "reply {i} differs");
+    }
+    c.send(b"ig\r\n");
+    assert!(
+        c.read_reply() == want,
+        "the request completed late is answered"
+    );
+    c.send(&cmd_bytes(&[b"PING"]));
+    c.expect(b"+PONG\r\n");
+}
+
+#[test]
 fn ten_thousand_connections() {
     const N: usize = 10_000;
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
