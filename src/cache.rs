@@ -33,6 +33,9 @@ pub struct L1Stats {
     pub flushes: AtomicU64,
     pub evicted_size: AtomicU64,
     pub evicted_expired: AtomicU64,
+    /// Fills not stored because TinyLFU judged the key colder than the
+    /// entry it would have displaced.
+    pub rejected: AtomicU64,
     pub coalesced: AtomicU64,
 }
 
@@ -235,7 +238,7 @@ impl L1 {
     /// Completes a fill: installs `frame` if still valid, then hands
     /// `outcome` to every waiter. `pttl` is the key's remaining time in ms
     /// as read atomically with the value (-1: no expiry, -2: missing).
-    /// Returns whether the value was installed.
+    /// Returns whether the value was installed (admission may decline).
     pub fn complete(
         &self,
         key: &Bytes,
@@ -298,20 +301,27 @@ impl L1 {
             }
             None => false,
         };
+        let mut installed = false;
         if let (true, Some(frame)) = (installable, frame) {
             let ev = self.map.insert(key, frame.clone(), deadline, now);
+            installed = !ev.rejected;
             self.stats
                 .evicted_size
                 .fetch_add(ev.size, Ordering::Relaxed);
             self.stats
                 .evicted_expired
                 .fetch_add(ev.expired, Ordering::Relaxed);
-            self.stats.fills.fetch_add(1, Ordering::Relaxed);
+            let counter = if ev.rejected {
+                &self.stats.rejected
+            } else {
+                &self.stats.fills
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
         }
         marker.remove();
-        installable
+        installed
     }
 
     /// Forgets a key: its entry and any fill in flight.
@@ -419,6 +429,7 @@ impl L1 {
             ("flushes".into(), g(&s.flushes)),
             ("evicted_size".into(), g(&s.evicted_size)),
             ("evicted_expired".into(), g(&s.evicted_expired)),
+            ("admissions_rejected".into(), g(&s.rejected)),
             ("entries".into(), self.entries().to_string()),
             ("bytes".into(), self.bytes().to_string()),
         ]
