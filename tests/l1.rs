@@ -243,24 +243,30 @@ fn upstream_restart_with_different_data_flushes() {
     }
 }
 
+/// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
+fn set_thousand_byte_values(c: &mut redis::Connection, prefix: &str, n: usize) {
+    let val = vec![b'x'; 1000];
+    let mut p = redis::pipe();
+    for i in 0..n {
+        p.cmd("SET").arg(format!("{prefix}{i}")).arg(&val).ignore();
+    }
+    let _: () = p.query(c).unwrap();
+}
+
+fn read_thousand_bytes(c: &mut redis::Connection, key: &str) {
+    let v: Vec<u8> = redis::cmd("GET").arg(key).query(c).unwrap();
+    assert_eq!(v.len(), 1000, "{key}");
+}
+
 #[test]
 fn byte_bound_holds_under_a_larger_working_set() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &["--set", "l1.max_bytes=1048576"]);
     let mut c = proxy.conn();
-    let val = vec![b'x'; 1000];
-    let mut p = redis::pipe();
-    for i in 0..10_000 {
-        p.cmd("SET").arg(format!("w{i}")).arg(&val).ignore();
-    }
-    let _: () = p.query(&mut c).unwrap();
-    for round in 0..2 {
+    set_thousand_byte_values(&mut c, "w", 10_000);
+    for _round in 0..2 {
         for i in 0..10_000 {
-            let v: Vec<u8> = redis::cmd("GET")
-                .arg(format!("w{i}"))
-                .query(&mut c)
-                .unwrap();
-            assert_eq!(v.len(), 1000, "round {round} key {i}");
+            read_thousand_bytes(&mut c, &format!("w{i}"));
         }
     }
     let bytes = l1_stat(&mut c, "bytes");
@@ -286,19 +292,9 @@ fn hot_keys_survive_a_scan_of_a_larger_keyspace() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &["--set", "l1.max_bytes=1048576"]);
     let mut c = proxy.conn();
-    let val = vec![b'x'; 1000];
-    let mut p = redis::pipe();
-    for i in 0..10_000 {
-        p.cmd("SET").arg(format!("cold{i}")).arg(&val).ignore();
-    }
-    for i in 0..100 {
-        p.cmd("SET").arg(format!("hot{i}")).arg(&val).ignore();
-    }
-    let _: () = p.query(&mut c).unwrap();
-    let read = |c: &mut redis::Connection, k: &str| {
-        let v: Vec<u8> = redis::cmd("GET").arg(k).query(c).unwrap();
-        assert_eq!(v.len(), 1000, "{k}");
-    };
+    set_thousand_byte_values(&mut c, "cold", 10_000);
+    set_thousand_byte_values(&mut c, "hot", 100);
+    let read = read_thousand_bytes;
     for _ in 0..5 {
         for i in 0..100 {
             read(&mut c, &format!("hot{i}"));
