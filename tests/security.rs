@@ -365,7 +365,7 @@ fn upstream_tls_failures_are_clear() {
         redis::cmd("PING").query::<String>(&mut p.conn()).unwrap(),
         "PONG"
     );
-    assert!(p.log().contains("NOT VERIFIED"));
+    assert!(p.log_with("NOT VERIFIED").contains("NOT VERIFIED"));
 }
 
 fn users_conf() -> String {

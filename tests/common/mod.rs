@@ -254,6 +254,20 @@ impl Proxy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once it contains `needle` (or as it is after a few seconds):
+    /// the port can answer before a line logged during start-up is
+    /// flushed to the file.
+    pub fn log_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn metrics(&self) -> String {
         http_get(self.metrics_port, "/metrics")
     }
