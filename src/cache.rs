@@ -50,6 +50,20 @@ struct Pending {
 /// for longer than a refcount costs).
 pub const COPY_MAX: usize = 16 * 1024;
 
+/// The GET reply for a missing key as the tracking connections (RESP3)
+/// read it, and as L1 holds it; RESP2 clients are served `$-1`.
+pub const NIL: &[u8] = b"_\r\n";
+
+/// `frame` as a client of the given protocol must see it: the cached
+/// RESP3 nil becomes RESP2's null bulk string.
+pub fn for_client(frame: Bytes, resp3: bool) -> Bytes {
+    if !resp3 && frame[..] == NIL[..] {
+        Bytes::from_static(b"$-1\r\n")
+    } else {
+        frame
+    }
+}
+
 /// A marker older than this belongs to a fill whose session vanished
 /// before completing it; it no longer blocks new fills.
 const STALE_PENDING: Duration = Duration::from_secs(30);
@@ -294,7 +308,10 @@ impl L1 {
         let installable = match frame {
             Some(f) => {
                 current
-                    && pttl != -2
+                    // A missing key's nil is cached too: tracking remembers
+                    // keys read whether or not they exist, so its creation
+                    // invalidates the entry like any write.
+                    && (pttl != -2 || f[..] == NIL[..])
                     && pttl != 0
                     && f.len() <= self.max_value_bytes
                     && deadline > now
@@ -588,7 +605,7 @@ mod tests {
     }
 
     #[test]
-    fn ttl_follows_redis_and_missing_keys_are_not_cached() {
+    fn ttl_follows_redis_and_missing_keys_are_cached_as_nil() {
         let l = l1();
         let k = Bytes::from_static(b"k");
         let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
@@ -601,7 +618,19 @@ mod tests {
         let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
             panic!()
         };
+        // A missing key's nil (as the RESP3 tracking connection reads it)
+        // is cached until max_ttl or an invalidation; a RESP2 null frame
+        // with PTTL -2 never reaches here, and is not installed.
         assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2, ok()));
+        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+            panic!()
+        };
+        assert!(l.complete(&k, t, Some(&Bytes::from_static(NIL)), -2, ok()));
+        assert_eq!(l.peek(b"k").as_deref(), Some(NIL));
+        assert_eq!(&for_client(Bytes::from_static(NIL), false)[..], b"$-1\r\n");
+        assert_eq!(&for_client(Bytes::from_static(NIL), true)[..], NIL);
+        l.invalidate(b"k");
+        assert!(l.peek(b"k").is_none());
     }
 
     #[test]

@@ -527,7 +527,12 @@ where
                     }
                     let dst = direct.then_some(&mut self.wbuf);
                     match l1.lookup(view.arg(1).unwrap_or_default(), &self.out, dst) {
-                        Lookup::Copied(n) => {
+                        Lookup::Copied(mut n) => {
+                            if !self.resp3 && n == 3 && self.wbuf.ends_with(crate::cache::NIL) {
+                                self.wbuf.truncate(self.wbuf.len() - 3);
+                                self.wbuf.extend_from_slice(b"$-1\r\n");
+                                n = 5;
+                            }
                             self.out.add(n);
                             self.wbuf_owed += n;
                             self.shared.metrics.command(
@@ -544,7 +549,8 @@ where
                                 false,
                                 Some(Duration::ZERO),
                             );
-                            self.reply(frame).await;
+                            self.reply(crate::cache::for_client(frame, self.resp3))
+                                .await;
                             continue;
                         }
                         Lookup::Fill(token, rx) => {
@@ -570,8 +576,12 @@ where
                     }
                 } else if id == *MGET_ID && p.args.len() > 2 && l1_usable {
                     // Hits are served from L1; only the missing keys go upstream.
+                    let resp3 = self.resp3;
                     let slots: Vec<Option<Bytes>> = (1..p.args.len())
-                        .map(|i| l1.peek(view.arg(i).unwrap_or_default()))
+                        .map(|i| {
+                            l1.peek(view.arg(i).unwrap_or_default())
+                                .map(|f| crate::cache::for_client(f, resp3))
+                        })
                         .collect();
                     let missing: Vec<usize> =
                         (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
@@ -1925,7 +1935,9 @@ fn finish_fill(
         }
         Err(frame) => (-2, frame),
     };
-    let value = frame.first() == Some(&b'$') && !frame.starts_with(b"$-1");
+    // A value, or the nil of a missing key (see `L1::install`); not errors.
+    let value = (frame.first() == Some(&b'$') && !frame.starts_with(b"$-1"))
+        || frame[..] == crate::cache::NIL[..];
     let outcome = Ok(crate::upstream::Reply {
         errors: (frame.first() == Some(&b'-')) as u64,
         data: frame.clone(),

@@ -243,6 +243,53 @@ fn upstream_restart_with_different_data_flushes() {
     }
 }
 
+#[test]
+fn missing_keys_are_cached_as_nil_until_created() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let get = cmd_bytes(&[b"GET", b"nokey"]);
+    let mget = cmd_bytes(&[b"MGET", b"nokey", b"nokey"]);
+    let mut r2 = proxy.raw();
+    r2.send(&get);
+    r2.expect(b"$-1\r\n");
+    let before = redis.calls("get");
+    for _ in 0..20 {
+        r2.send(&get);
+        r2.expect(b"$-1\r\n");
+    }
+    // Pipelined: hits copied straight into the output buffer, then MGET.
+    r2.send(&[&get[..], &get, &get, &mget].concat());
+    r2.expect(b"$-1\r\n$-1\r\n$-1\r\n*2\r\n$-1\r\n$-1\r\n");
+    // RESP3 clients get RESP3's null.
+    let mut r3 = proxy.raw();
+    r3.send(&cmd_bytes(&[b"HELLO", b"3"]));
+    let _ = r3.read_reply();
+    r3.send(&[&get[..], &mget].concat());
+    r3.expect(b"_\r\n*2\r\n_\r\n_\r\n");
+    assert_eq!(redis.calls("get"), before, "nil hits reached Redis");
+    assert_eq!(redis.calls("mget"), 0, "an all-nil MGET reached Redis");
+    // Created directly in Redis: tracking invalidates a key read while it
+    // did not exist, so the value shows at once.
+    let _: () = redis::cmd("SET")
+        .arg("nokey")
+        .arg("v")
+        .query(&mut redis.conn())
+        .unwrap();
+    visible_within(
+        &mut proxy.conn(),
+        "nokey",
+        Some("v"),
+        Duration::from_millis(50),
+    );
+    r2.send(&get);
+    r2.expect(b"$1\r\nv\r\n");
+    // Deleted through the proxy: its own write, read at once.
+    r2.send(&cmd_bytes(&[b"DEL", b"nokey"]));
+    r2.expect(b":1\r\n");
+    r2.send(&get);
+    r2.expect(b"$-1\r\n");
+}
+
 /// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
 fn set_thousand_byte_values(c: &mut redis::Connection, prefix: &str, n: usize) {
     let val = vec![b'x'; 1000];
