@@ -279,7 +279,7 @@ impl Policy<'_> {
     }
 
     /// The bytes to store for `value` under `key` (`None`: the value itself).
-    fn encode(&self, key: &[u8], value: &[u8], stats: &Stats) -> Option<Bytes> {
+    pub fn encode(&self, key: &[u8], value: &[u8], stats: &Stats) -> Option<Bytes> {
         if self.excluded(key) {
             // Still frame values that look like frames, so they read back.
             if compress::is_compressed(value) {

@@ -41,6 +41,8 @@ enum Post {
     /// as a RESP3 connection read it, for a client speaking `resp3` or not.
     Waited {
         resp3: bool,
+        /// AI.GET's outcome to count, when the fill answers one.
+        ai: Option<AiPost>,
     },
     /// An MGET of the keys L1 missed: merge its elements into the slots
     /// (`None` = take the next element of the upstream reply).
@@ -850,15 +852,33 @@ where
                                 crate::admin::append_proxy_info(&reply.data, &self.shared)
                             }
                             Post::Ai(p) => {
-                                p.record(&reply.data, &metrics.ai);
-                                reply.data
+                                // The answer may have been stored
+                                // compressed (by AI.SET or a plain SET).
+                                let data = if matches!(p, AiPost::Get { .. })
+                                    && self.shared.rt.compression.load(Ordering::Relaxed)
+                                {
+                                    cz::decode_reply(
+                                        &cz::Decode::Bulk,
+                                        reply.data,
+                                        &self.shared.config().compression.codec(),
+                                        &metrics.compression,
+                                    )
+                                } else {
+                                    reply.data
+                                };
+                                p.record(&data, &metrics.ai);
+                                data
                             }
-                            Post::Waited { resp3 } => {
-                                if !resp3 && reply.data.starts_with(b"_") {
+                            Post::Waited { resp3, ai } => {
+                                let data = if !resp3 && reply.data.starts_with(b"_") {
                                     Bytes::from_static(b"$-1\r\n")
                                 } else {
                                     reply.data
+                                };
+                                if let Some(p) = ai {
+                                    p.record(&data, &metrics.ai);
                                 }
+                                data
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
                             Post::Replace(b) => b,
@@ -1251,15 +1271,60 @@ where
 
     /// Queues the reply slot of a GET answered by a fill.
     async fn wait_fill(&mut self, rx: crate::cache::FillRx) {
+        self.wait_fill_as(rx, GET_ID.unwrap_or(0), None).await
+    }
+
+    /// `wait_fill` for command `id` (GET, or AI.GET with its outcome to count).
+    async fn wait_fill_as(&mut self, rx: crate::cache::FillRx, id: usize, ai: Option<AiPost>) {
         self.push(Out::Up {
             rx,
             count: 1,
-            ids: vec![GET_ID.unwrap_or(0) as u16],
+            ids: vec![id as u16],
             start: Instant::now(),
-            post: Post::Waited { resp3: self.resp3 },
+            post: Post::Waited {
+                resp3: self.resp3,
+                ai,
+            },
             writes: false,
         })
         .await
+    }
+
+    /// AI.GET from L1, as GET is served (hit, fill, or wait for a fill).
+    /// False when L1 cannot answer it: the caller reads the key itself.
+    async fn ai_get_from_l1(&mut self, idx: usize, key: &str, post: &AiPost) -> bool {
+        // As for GET: not while this client's own write is in flight, nor
+        // on a pinned (SELECTed, transaction) connection.
+        if self.run_writes || self.writes_in_flight != 0 || self.pinned.is_some() {
+            return false;
+        }
+        let Some(l1) = self.shared.l1.clone().filter(|l| l.is_valid()) else {
+            return false;
+        };
+        let key = Bytes::copy_from_slice(key.as_bytes());
+        match l1.lookup(&key, &self.out, None) {
+            Lookup::Hit(frame) => {
+                let frame = crate::cache::for_client(frame, self.resp3);
+                post.record(&frame, &self.shared.metrics.ai);
+                self.shared
+                    .metrics
+                    .command(idx, false, Some(Duration::ZERO));
+                self.reply(frame).await;
+                true
+            }
+            Lookup::Fill(token, rx) => {
+                if !self.start_fill(key, token) {
+                    return false;
+                }
+                self.wait_fill_as(rx, idx, Some(post.clone())).await;
+                true
+            }
+            Lookup::Wait(rx) => {
+                self.wait_fill_as(rx, idx, Some(post.clone())).await;
+                true
+            }
+            Lookup::Copied(_) | Lookup::Bypass => false,
+        }
     }
 
     /// Sends raw commands upstream and queues their reply slot.
@@ -1632,16 +1697,32 @@ where
             AiCommand::Get(req) => {
                 stats.record_keygen(req.keygen);
                 let tier = ai::tier(req.text_chars, &cfg.ai.tiers);
-                let post = Post::Ai(AiPost::Get {
+                let post = AiPost::Get {
                     op: req.operation.clone(),
                     tier,
-                });
-                self.internal(idx, &[b"GET", req.key.as_bytes()], post)
+                };
+                if !self.is_local() && self.ai_get_from_l1(idx, &req.key, &post).await {
+                    return;
+                }
+                self.internal(idx, &[b"GET", req.key.as_bytes()], Post::Ai(post))
                     .await;
                 return;
             }
-            AiCommand::Set { req, value, ex } => {
+            AiCommand::Set { req, mut value, ex } => {
                 stats.record_keygen(req.keygen);
+                // Answers are the large values compression is for: stored
+                // as SET stores them (AI.GET and GET decode either way).
+                if self.shared.rt.compression.load(Ordering::Relaxed) && !self.is_local() {
+                    let policy = cz::Policy {
+                        codec: cfg.compression.codec(),
+                        exclude: &cfg.compression.exclude,
+                    };
+                    if let Some(stored) =
+                        policy.encode(req.key.as_bytes(), &value, &metrics.compression)
+                    {
+                        value = stored;
+                    }
+                }
                 let ttl = ex
                     .unwrap_or_else(|| cfg.ai.ttl_for(&req.operation))
                     .to_string();

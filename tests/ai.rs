@@ -226,3 +226,82 @@ fn ai_commands_in_local_mode() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+#[test]
+fn large_answers_are_compressed_and_read_back_whatever_wrote_them() {
+    // The applications write some keys with plain SET (compressed by the
+    // proxy) and read them with AI.GET, and the other way round: both must
+    // see the value itself, never the stored frame.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let mut direct = redis.conn();
+    let answer = "{\"summary\": \"the quick brown fox jumps over the lazy dog\"} ".repeat(200);
+    let key: String = redis::cmd("AI.KEY")
+        .arg("summarize")
+        .arg("a long text")
+        .query(&mut c)
+        .unwrap();
+    // AI.SET stores it compressed, like SET.
+    let _: () = redis::cmd("AI.SET")
+        .arg("summarize")
+        .arg("a long text")
+        .arg(&answer)
+        .query(&mut c)
+        .unwrap();
+    let stored: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut direct).unwrap();
+    assert!(
+        stored.len() < answer.len() / 2,
+        "stored {} bytes for {}",
+        stored.len(),
+        answer.len()
+    );
+    for round in 0..3 {
+        // The first read fills L1, the next ones hit it.
+        let got: String = redis::cmd("AI.GET")
+            .arg("summarize")
+            .arg("a long text")
+            .query(&mut c)
+            .unwrap();
+        assert!(got == answer, "AI.GET round {round}");
+        let got: String = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert!(got == answer, "GET round {round}");
+    }
+    // AI.GET is served from L1 like GET, and still counted.
+    let before = redis.calls("get");
+    for _ in 0..5 {
+        let got: String = redis::cmd("AI.GET")
+            .arg("summarize")
+            .arg("a long text")
+            .query(&mut c)
+            .unwrap();
+        assert!(got == answer);
+    }
+    assert_eq!(redis.calls("get"), before, "AI.GET hits reached Redis");
+    let stats: BTreeMap<String, String> = redis::cmd("AI.STATS").query(&mut c).unwrap();
+    assert_eq!(stats["hits"], "8", "{stats:?}");
+    // A missing answer: a miss, then cached as nil, still counted a miss.
+    for _ in 0..2 {
+        let got: Option<String> = redis::cmd("AI.GET")
+            .arg("summarize")
+            .arg("another text")
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(got, None);
+    }
+    let stats: BTreeMap<String, String> = redis::cmd("AI.STATS").query(&mut c).unwrap();
+    assert_eq!(stats["misses"], "2", "{stats:?}");
+    // Written with plain SET through the proxy, read with AI.GET.
+    let other = answer.replace("fox", "cat");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&other)
+        .query(&mut c)
+        .unwrap();
+    let got: String = redis::cmd("AI.GET")
+        .arg("summarize")
+        .arg("a long text")
+        .query(&mut c)
+        .unwrap();
+    assert!(got == other, "AI.GET of a value written with SET");
+}
