@@ -304,7 +304,20 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // SIGTERM first: every test then ends with a graceful drain, and an
+        // instrumented binary (cargo llvm-cov) writes its coverage at exit.
+        // SIGKILL if it takes more than a few seconds.
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
