@@ -2030,7 +2030,9 @@ fn finish_fill(
 /// writer reads its own write and a fill already in flight is discarded.
 pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
     match id.map(command::name) {
-        Some("FLUSHALL") | Some("FLUSHDB") => l1.flush(),
+        // SWAPDB replaces every key of the db L1 serves, and Redis sends
+        // tracking clients nothing for it (checked against 7.0).
+        Some("FLUSHALL") | Some("FLUSHDB") | Some("SWAPDB") => l1.flush(),
         _ => {
             for i in command::key_positions(args, id) {
                 if let Some(k) = args.arg(i) {

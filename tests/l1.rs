@@ -290,6 +290,34 @@ fn missing_keys_are_cached_as_nil_until_created() {
     r2.expect(b"$-1\r\n");
 }
 
+#[test]
+fn swapdb_through_the_proxy_flushes_l1() {
+    // Redis sends tracking clients no invalidation for SWAPDB, so respite
+    // must drop what it holds for the swapped db itself.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("db0")
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut direct).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("db1")
+        .query(&mut direct)
+        .unwrap();
+    let mut c = proxy.conn();
+    for _ in 0..2 {
+        let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+        assert_eq!(v, "db0");
+    }
+    let _: () = redis::cmd("SWAPDB").arg(0).arg(1).query(&mut c).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "db1", "stale after SWAPDB");
+}
+
 /// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
 fn set_thousand_byte_values(c: &mut redis::Connection, prefix: &str, n: usize) {
     let val = vec![b'x'; 1000];
