@@ -200,6 +200,9 @@ pub struct Session<W> {
     /// an L1 hit is, within the invalidation window.
     writes_in_flight: usize,
     run_writes: bool,
+    /// A SWAPDB is queued in this client's transaction: EXEC's reply
+    /// flushes L1 (see `invalidate_writes`).
+    swapdb_in_tx: bool,
 }
 
 enum Flow {
@@ -254,6 +257,7 @@ where
         run_decode: None,
         writes_in_flight: 0,
         run_writes: false,
+        swapdb_in_tx: false,
     };
     // One long-lived future per signal: re-creating them on every read would
     // cost a registration each time.
@@ -379,7 +383,9 @@ where
                 if let Some(r) = r {
                     let item = s.queue.pop_front().expect("head exists");
                     // Writing may wait on the client's reading: paused below.
-                    let t0 = partial.is_some().then(tokio::time::Instant::now);
+                    // (Not when paused for the whole select already.)
+                    let t0 = (partial.is_some() && waited_since.is_none())
+                        .then(tokio::time::Instant::now);
                     s.emit(item, Some(r.unwrap_or(Err(UpError::Lost)))).await;
                     if let (Some((d, _)), Some(t0)) = (partial.as_mut(), t0) {
                         *d += t0.elapsed();
@@ -614,6 +620,7 @@ where
                     }
                 } else if id.is_some_and(command::may_write) {
                     invalidate_writes(l1, &view, id);
+                    self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
                 }
             }
             if class == Some(Class::Pass)
@@ -837,6 +844,18 @@ where
                 let elapsed = start.elapsed();
                 match res {
                     Ok(reply) => {
+                        // SWAPDB has run: what L1 filled between the flush
+                        // at its parse and now may be the old db's.
+                        // (Inside MULTI its reply is +QUEUED: EXEC's counts.)
+                        let mut swapped = ids.iter().any(|&i| Some(i as usize) == *SWAPDB_ID)
+                            && !reply.data.starts_with(b"+QUEUED");
+                        if self.swapdb_in_tx && ids.iter().any(|&i| Some(i as usize) == *EXEC_ID) {
+                            self.swapdb_in_tx = false;
+                            swapped = true;
+                        }
+                        if swapped && let Some(l1) = &self.shared.l1 {
+                            l1.flush();
+                        }
                         if reply.errors == 0 {
                             metrics.commands_ok(&ids, elapsed);
                         } else {
@@ -1726,6 +1745,9 @@ where
                 let ttl = ex
                     .unwrap_or_else(|| cfg.ai.ttl_for(&req.operation))
                     .to_string();
+                if let Some(l1) = &self.shared.l1 {
+                    l1.invalidate(req.key.as_bytes());
+                }
                 let post = Post::Ai(AiPost::Set {
                     op: req.operation.clone(),
                 });
@@ -1739,6 +1761,9 @@ where
             }
             AiCommand::Del(req) => {
                 stats.record_keygen(req.keygen);
+                if let Some(l1) = &self.shared.l1 {
+                    l1.invalidate(req.key.as_bytes());
+                }
                 self.internal(idx, &[b"UNLINK", req.key.as_bytes()], Post::Ai(AiPost::Del))
                     .await;
                 return;
@@ -1791,6 +1816,13 @@ where
                 Err(e) => return Err(format!("ERR SCAN failed: {e}")),
             };
             if !keys.is_empty() {
+                // As for any write through respite: L1 forgets the keys
+                // before Redis does, so this client reads its own deletes.
+                if let Some(l1) = &self.shared.l1 {
+                    for k in &keys {
+                        l1.invalidate(k);
+                    }
+                }
                 let mut args: Vec<&[u8]> = vec![b"UNLINK"];
                 args.extend(keys.iter().map(|k| k.as_slice()));
                 let r = self.roundtrip(&args).await?;
@@ -1993,7 +2025,7 @@ fn finish_fill(
             return;
         }
     };
-    let (pttl, frame) = match crate::cache::split_fill_reply(&reply.data) {
+    let (pttl, frame, read) = match crate::cache::split_fill_reply(&reply.data) {
         Ok((pttl, frame)) => {
             // L1 holds what clients see (decoded). Measured (release, this
             // 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a decode
@@ -2012,13 +2044,15 @@ fn finish_fill(
             } else {
                 frame
             };
-            (pttl, frame)
+            (pttl, frame, true)
         }
-        Err(frame) => (-2, frame),
+        Err(frame) => (-2, frame, false),
     };
-    // A value, or the nil of a missing key (see `L1::install`); not errors.
-    let value = (frame.first() == Some(&b'$') && !frame.starts_with(b"$-1"))
-        || frame[..] == crate::cache::NIL[..];
+    // A value, or the nil of a missing key (see `L1::install`); not errors,
+    // nor a failed transaction (a RESP3 null EXEC is also `_`).
+    let value = read
+        && ((frame.first() == Some(&b'$') && !frame.starts_with(b"$-1"))
+            || frame[..] == crate::cache::NIL[..]);
     let outcome = Ok(crate::upstream::Reply {
         errors: (frame.first() == Some(&b'-')) as u64,
         data: frame.clone(),
@@ -2047,6 +2081,10 @@ static MGET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("MGET"));
 static GET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("GET"));
+static SWAPDB_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("SWAPDB"));
+static EXEC_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("EXEC"));
 
 enum HelloOutcome {
     Done,

@@ -321,3 +321,40 @@ fn answers_round_trip(l1: bool) {
         .unwrap();
     assert!(got == other, "AI.GET of a value written with SET");
 }
+
+#[test]
+fn ai_writes_are_read_back_at_once_from_l1() {
+    // ttl mode: no invalidation from Redis at all, so only respite's own
+    // local invalidation can make a client read its AI.SET/AI.DEL.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "l1.mode=ttl"]);
+    let mut c = proxy.conn();
+    let get = |c: &mut redis::Connection| -> Option<String> {
+        redis::cmd("AI.GET").arg("qa").arg("text").query(c).unwrap()
+    };
+    assert_eq!(get(&mut c), None);
+    assert_eq!(get(&mut c), None, "cached nil");
+    let _: () = redis::cmd("AI.SET")
+        .arg("qa")
+        .arg("text")
+        .arg("v1")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(get(&mut c).as_deref(), Some("v1"), "AI.SET not read back");
+    assert_eq!(get(&mut c).as_deref(), Some("v1"));
+    let _: i64 = redis::cmd("AI.DEL")
+        .arg("qa")
+        .arg("text")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(get(&mut c), None, "AI.DEL not read back");
+    let _: () = redis::cmd("AI.SET")
+        .arg("qa")
+        .arg("text")
+        .arg("v2")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(get(&mut c).as_deref(), Some("v2"));
+    let _: i64 = redis::cmd("AI.INVALIDATE").arg("qa").query(&mut c).unwrap();
+    assert_eq!(get(&mut c), None, "AI.INVALIDATE not read back");
+}

@@ -316,6 +316,18 @@ fn swapdb_through_the_proxy_flushes_l1() {
     let _: () = redis::cmd("SWAPDB").arg(0).arg(1).query(&mut c).unwrap();
     let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
     assert_eq!(v, "db1", "stale after SWAPDB");
+    // In a transaction the swap happens at EXEC: what other clients read
+    // into L1 between the queuing and EXEC is flushed then.
+    let mut tx = proxy.conn();
+    let _: () = redis::cmd("MULTI").query(&mut tx).unwrap();
+    let _: String = redis::cmd("SWAPDB").arg(0).arg(1).query(&mut tx).unwrap();
+    for _ in 0..2 {
+        let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+        assert_eq!(v, "db1", "before EXEC");
+    }
+    let _: redis::Value = redis::cmd("EXEC").query(&mut tx).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "db0", "stale after a SWAPDB in MULTI/EXEC");
 }
 
 /// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
