@@ -314,14 +314,32 @@ impl L1Map {
             return ev;
         }
         let wanted = sh.sketch.frequency(hash);
-        while sh.bytes + weight > self.budget {
-            let Some(v) = sh.victim(now) else { break };
+        // Victims are chosen first and removed only once the newcomer is
+        // admitted, so a large newcomer turned away at its third victim
+        // has not pushed out the first two for nothing.
+        let mut victims: smallvec::SmallVec<[(usize, bool); 4]> = smallvec::SmallVec::new();
+        let mut freed = 0;
+        while sh.bytes - freed + weight > self.budget {
+            let Some(v) = sh.victim(now, &victims) else {
+                break;
+            };
             let slot = sh.slots[v].as_ref().expect("victim is occupied");
             let expired = now >= slot.deadline;
             if !expired && !resident && sh.sketch.frequency(slot.hash) >= wanted {
                 ev.rejected = true;
+                // Expired entries found on the way go all the same.
+                for &(v, expired) in &victims {
+                    if expired {
+                        sh.remove_at(v);
+                        ev.expired += 1;
+                    }
+                }
                 return ev;
             }
+            freed += slot.weight;
+            victims.push((v, expired));
+        }
+        for &(v, expired) in &victims {
             sh.remove_at(v);
             if expired {
                 ev.expired += 1;
@@ -427,8 +445,9 @@ impl Shard {
 
     /// Advances the hand to the first entry not referenced since its last
     /// pass (or already expired) and returns it, the hand just past it.
-    /// None when the shard is empty.
-    fn victim(&mut self, now: Instant) -> Option<usize> {
+    /// None when the shard holds nothing else.
+    /// Entries in `chosen` (victims already picked) are passed over.
+    fn victim(&mut self, now: Instant, chosen: &[(usize, bool)]) -> Option<usize> {
         let n = self.slots.len();
         // Two sweeps: the first may only clear reference bits.
         for _ in 0..2 * n {
@@ -437,6 +456,9 @@ impl Shard {
             }
             let i = self.hand;
             self.hand += 1;
+            if chosen.iter().any(|&(j, _)| j == i) {
+                continue;
+            }
             let Some(s) = self.slots[i].as_mut() else {
                 continue;
             };
@@ -591,6 +613,33 @@ mod tests {
         }
         // Only a sketch collision lets a first request displace an equal.
         assert!(first_time <= 5, "{first_time} of 50 admitted at once");
+    }
+
+    #[test]
+    fn a_newcomer_turned_away_pushes_nothing_out() {
+        // One shard holding cold, cold, hot (in clock order); a large
+        // newcomer, asked for more than the cold keys but less than the hot
+        // one, would need all three places: it is turned away at the hot
+        // one, and the cold ones stay.
+        let m = L1Map::new(4096, 4096);
+        assert_eq!(m.shard_count(), 1);
+        let now = Instant::now();
+        fill(&m, b"cold1", 1000, later(), now);
+        fill(&m, b"cold2", 1000, later(), now);
+        for _ in 0..6 {
+            assert!(matches!(m.get(b"hot", now), Get::Miss));
+        }
+        m.insert(b"hot", frame(1000), later(), now);
+        for _ in 0..2 {
+            assert!(matches!(m.get(b"big", now), Get::Miss));
+        }
+        let ev = fill(&m, b"big", 3000, later(), now);
+        assert!(ev.rejected, "{ev:?}");
+        assert_eq!((ev.size, ev.expired), (0, 0));
+        for k in [&b"cold1"[..], b"cold2", b"hot"] {
+            assert!(matches!(m.get(k, now), Get::Hit(_)));
+        }
+        assert!(matches!(m.get(b"big", now), Get::Miss));
     }
 
     #[test]
