@@ -1669,6 +1669,16 @@ where
             self.reply(out.freeze()).await;
             return;
         }
+        if self.tx_queue.multi {
+            // Inside MULTI Redis queues it like any command: EXEC's reply
+            // has an element for it, which the decode list must count
+            // (and decode, for a GET).
+            self.tx_queue.queued.push(if args[0] == b"GET" {
+                cz::Decode::Bulk
+            } else {
+                cz::Decode::None
+            });
+        }
         let mut b = BytesMut::new();
         resp::encode_command(args, &mut b);
         self.forward(b.freeze(), vec![idx as u16], post).await;
@@ -1767,6 +1777,10 @@ where
                 self.internal(idx, &[b"UNLINK", req.key.as_bytes()], Post::Ai(AiPost::Del))
                     .await;
                 return;
+            }
+            AiCommand::Invalidate(_) if self.in_multi => {
+                // It SCANs and UNLINKs in rounds: nothing a queue can hold.
+                resp::error(&mut out, "ERR AI.INVALIDATE is not allowed inside MULTI");
             }
             AiCommand::Invalidate(op) => match self.ai_invalidate(op.as_deref()).await {
                 Ok(n) => {

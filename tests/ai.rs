@@ -358,3 +358,61 @@ fn ai_writes_are_read_back_at_once_from_l1() {
     let _: i64 = redis::cmd("AI.INVALIDATE").arg("qa").query(&mut c).unwrap();
     assert_eq!(get(&mut c), None, "AI.INVALIDATE not read back");
 }
+
+#[test]
+fn ai_commands_inside_multi_keep_exec_replies_decoded() {
+    // AI.SET/AI.GET inside MULTI are queued by Redis like the commands
+    // they stand for: EXEC's reply has their elements, decoded, and the
+    // elements of ordinary commands after them stay decoded too.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let big = "an answer that compresses well. ".repeat(200);
+    let key: String = redis::cmd("AI.KEY")
+        .arg("qa")
+        .arg("t")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("plain")
+        .arg(&big)
+        .query(&mut c)
+        .unwrap();
+    let (set, aiget, get): (String, String, String) = redis::pipe()
+        .atomic()
+        .cmd("AI.SET")
+        .arg("qa")
+        .arg("t")
+        .arg(&big)
+        .cmd("AI.GET")
+        .arg("qa")
+        .arg("t")
+        .cmd("GET")
+        .arg("plain")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(set, "OK");
+    assert!(aiget == big, "AI.GET in EXEC");
+    assert!(get == big, "GET after AI.* in EXEC");
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(
+        stored.len() < big.len() / 2,
+        "AI.SET in MULTI stored it compressed"
+    );
+    // AI.INVALIDATE cannot be queued: a clear error, the transaction goes on.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let err = redis::cmd("AI.INVALIDATE")
+        .arg("qa")
+        .query::<i64>(&mut c)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not allowed inside MULTI"),
+        "{err}"
+    );
+    let _: String = redis::cmd("GET").arg("plain").query(&mut c).unwrap();
+    let (v,): (String,) = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert!(v == big);
+}
