@@ -560,6 +560,11 @@ async fn reader(
         if let Err(e) = cut.drain(&mut buf, &inflight, &metrics, on_push.as_ref()) {
             break e;
         }
+        if cut.head.is_none() && buf.is_empty() {
+            // Nothing in flight: an idle connection (a pinned client's,
+            // say) keeps no spare buffers around.
+            spares.0.clear();
+        }
         // Room for the next read. Growing in place would copy everything
         // the allocation ever held (bytes' realloc keeps the consumed
         // prefix), and fixed 64 KiB steps made a 640 KiB batch of replies
@@ -611,8 +616,8 @@ async fn reader(
 /// buffer is mapped and zeroed by the kernel page by page as the socket
 /// fills it: on MGET of 4 KiB values at pipeline 16 those page faults
 /// were ~17% of the proxy's CPU. Only large buffers are kept (small ones
-/// come from malloc's free lists anyway), and only two, so an idle
-/// connection holds at most a few batches' worth.
+/// come from malloc's free lists anyway), only two, and none once the
+/// connection has nothing in flight.
 #[derive(Default)]
 struct Spares(Vec<(BytesMut, usize)>);
 
@@ -978,5 +983,34 @@ impl Upstream {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.health.up.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spares;
+    use bytes::BytesMut;
+
+    #[test]
+    fn a_spare_is_reused_only_once_its_replies_are_dropped() {
+        let size = 512 * 1024;
+        let mut spares = Spares::default();
+        let mut old = BytesMut::with_capacity(size);
+        old.extend_from_slice(&[7u8; 1000]);
+        let reply = old.split_to(600).freeze();
+        spares.keep(old, size);
+        // The reply still points into it: a fresh buffer, not the spare.
+        let (fresh, got) = spares.take(size / 2);
+        assert_eq!(got, size / 2);
+        drop(fresh);
+        assert_eq!(&reply[..3], &[7, 7, 7]);
+        drop(reply);
+        let (reused, got) = spares.take(size / 2);
+        assert_eq!(got, size);
+        assert!(reused.is_empty() && reused.capacity() >= size);
+        // Small and huge buffers are not kept.
+        spares.keep(BytesMut::with_capacity(4096), 4096);
+        spares.keep(BytesMut::with_capacity(64 << 20), 64 << 20);
+        assert!(spares.0.is_empty());
     }
 }
