@@ -54,11 +54,14 @@ pub const COPY_MAX: usize = 16 * 1024;
 /// read it, and as L1 holds it; RESP2 clients are served `$-1`.
 pub const NIL: &[u8] = b"_\r\n";
 
+/// RESP2's null bulk string: what a RESP2 client is shown for [`NIL`].
+pub const NIL_RESP2: &[u8] = b"$-1\r\n";
+
 /// `frame` as a client of the given protocol must see it: the cached
 /// RESP3 nil becomes RESP2's null bulk string.
 pub fn for_client(frame: Bytes, resp3: bool) -> Bytes {
     if !resp3 && frame[..] == NIL[..] {
-        Bytes::from_static(b"$-1\r\n")
+        Bytes::from_static(NIL_RESP2)
     } else {
         frame
     }

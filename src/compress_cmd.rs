@@ -271,7 +271,15 @@ pub struct Policy<'a> {
     pub exclude: &'a [String],
 }
 
-impl Policy<'_> {
+impl<'a> Policy<'a> {
+    /// The policy `[compression]` configures.
+    pub fn of(cfg: &'a crate::config::CompressionConfig) -> Self {
+        Policy {
+            codec: cfg.codec(),
+            exclude: &cfg.exclude,
+        }
+    }
+
     fn excluded(&self, key: &[u8]) -> bool {
         self.exclude
             .iter()

@@ -75,7 +75,7 @@ struct Shard {
 /// first count, so keys asked for once (a scan's) never reach the
 /// counters and do not inflate the estimates of the keys they share them
 /// with. It is cleared when the counters are halved.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Sketch {
     blocks: Vec<Block>,
     door: Vec<u64>,
@@ -232,19 +232,19 @@ impl L1Map {
             want.next_power_of_two() / 2
         };
         let share = (max_bytes / n as u64) as usize;
-        let sketch = Sketch::for_budget(share).bytes();
+        let sketch = Sketch::for_budget(share);
         L1Map {
+            // The sketch is memory too: it comes out of the shard's share.
+            budget: share.saturating_sub(sketch.bytes()),
             shards: (0..n)
                 .map(|_| {
                     Padded(Mutex::new(Shard {
-                        sketch: Sketch::for_budget(share),
+                        sketch: sketch.clone(),
                         ..Shard::default()
                     }))
                 })
                 .collect(),
             hasher: KeyHasher::default(),
-            // The sketch is memory too: it comes out of the shard's share.
-            budget: share.saturating_sub(sketch),
         }
     }
 
@@ -326,15 +326,11 @@ impl L1Map {
             let slot = sh.slots[v].as_ref().expect("victim is occupied");
             let expired = now >= slot.deadline;
             if !expired && !resident && sh.sketch.frequency(slot.hash) >= wanted {
+                // Turned away; expired entries found on the way go all the
+                // same.
                 ev.rejected = true;
-                // Expired entries found on the way go all the same.
-                for &(v, expired) in &victims {
-                    if expired {
-                        sh.remove_at(v);
-                        ev.expired += 1;
-                    }
-                }
-                return ev;
+                victims.retain(|&mut (_, expired)| expired);
+                break;
             }
             freed += slot.weight;
             victims.push((v, expired));
@@ -346,6 +342,9 @@ impl L1Map {
             } else {
                 ev.size += 1;
             }
+        }
+        if ev.rejected {
+            return ev;
         }
         let slot = Slot {
             key: Key::from_slice(key),

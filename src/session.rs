@@ -160,6 +160,18 @@ async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
     }
 }
 
+/// Moves the slowloris deadline of a started request on by the time since
+/// `since`, which the proxy spent waiting on something other than the
+/// client's bytes.
+fn pause_deadline(
+    partial: &mut Option<(tokio::time::Instant, usize)>,
+    since: Option<tokio::time::Instant>,
+) {
+    if let (Some((deadline, _)), Some(t0)) = (partial.as_mut(), since) {
+        *deadline += t0.elapsed();
+    }
+}
+
 /// L1 hits are copied into the output buffer only while it holds less.
 const WBUF_DIRECT: usize = 1024 * 1024;
 
@@ -325,9 +337,7 @@ where
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
-        if let (Some((d, _)), Some(t0)) = (partial.as_mut(), stalled_since) {
-            *d += t0.elapsed();
-        }
+        pause_deadline(&mut partial, stalled_since);
         let header_ms = shared.rt.header_timeout_ms.load(Ordering::Relaxed);
         partial = match partial {
             _ if buf.is_empty() || header_ms == 0 => None,
@@ -387,9 +397,7 @@ where
                     let t0 = (partial.is_some() && waited_since.is_none())
                         .then(tokio::time::Instant::now);
                     s.emit(item, Some(r.unwrap_or(Err(UpError::Lost)))).await;
-                    if let (Some((d, _)), Some(t0)) = (partial.as_mut(), t0) {
-                        *d += t0.elapsed();
-                    }
+                    pause_deadline(&mut partial, t0);
                 }
             }
             r = read, if reading => match r {
@@ -422,9 +430,7 @@ where
                 break Flow::Stop;
             }
         }
-        if let (Some((d, _)), Some(t0)) = (partial.as_mut(), waited_since) {
-            *d += t0.elapsed();
-        }
+        pause_deadline(&mut partial, waited_since);
     };
     match flow {
         Flow::Tunnel { first, rest } => s.tunnel(rd, first, rest).await,
@@ -517,7 +523,7 @@ where
             // at all: a hit, fill or wait could miss that write (another
             // session's fill may have read the key just before it), and a
             // client must read its own writes.
-            let l1_usable = !self.run_writes && self.writes_in_flight == 0 && self.pinned.is_none();
+            let l1_usable = self.l1_usable();
             if let (Some(l1), false) = (&l1, p.inline) {
                 if id == *GET_ID && p.args.len() == 2 && l1_usable {
                     // With nothing ahead of it, a hit goes straight into
@@ -538,8 +544,8 @@ where
                         Lookup::Copied(mut n) => {
                             if !self.resp3 && n == 3 && self.wbuf.ends_with(crate::cache::NIL) {
                                 self.wbuf.truncate(self.wbuf.len() - 3);
-                                self.wbuf.extend_from_slice(b"$-1\r\n");
-                                n = 5;
+                                self.wbuf.extend_from_slice(crate::cache::NIL_RESP2);
+                                n = crate::cache::NIL_RESP2.len();
                             }
                             self.out.add(n);
                             self.wbuf_owed += n;
@@ -847,14 +853,19 @@ where
                         // SWAPDB has run: what L1 filled between the flush
                         // at its parse and now may be the old db's.
                         // (Inside MULTI its reply is +QUEUED: EXEC's counts.)
-                        let mut swapped = ids.iter().any(|&i| Some(i as usize) == *SWAPDB_ID)
-                            && !reply.data.starts_with(b"+QUEUED");
-                        if self.swapdb_in_tx && ids.iter().any(|&i| Some(i as usize) == *EXEC_ID) {
-                            self.swapdb_in_tx = false;
-                            swapped = true;
-                        }
-                        if swapped && let Some(l1) = &self.shared.l1 {
-                            l1.flush();
+                        // Without L1 there is nothing to check per reply.
+                        if let Some(l1) = &self.shared.l1 {
+                            let mut swapped = ids.iter().any(|&i| Some(i as usize) == *SWAPDB_ID)
+                                && !reply.data.starts_with(b"+QUEUED");
+                            if self.swapdb_in_tx
+                                && ids.iter().any(|&i| Some(i as usize) == *EXEC_ID)
+                            {
+                                self.swapdb_in_tx = false;
+                                swapped = true;
+                            }
+                            if swapped {
+                                l1.flush();
+                            }
                         }
                         if reply.errors == 0 {
                             metrics.commands_ok(&ids, elapsed);
@@ -889,11 +900,7 @@ where
                                 data
                             }
                             Post::Waited { resp3, ai } => {
-                                let data = if !resp3 && reply.data.starts_with(b"_") {
-                                    Bytes::from_static(b"$-1\r\n")
-                                } else {
-                                    reply.data
-                                };
+                                let data = crate::cache::for_client(reply.data, resp3);
                                 if let Some(p) = ai {
                                     p.record(&data, &metrics.ai);
                                 }
@@ -987,10 +994,7 @@ where
             return false;
         }
         let cfg = self.shared.config();
-        let policy = cz::Policy {
-            codec: cfg.compression.codec(),
-            exclude: &cfg.compression.exclude,
-        };
+        let policy = cz::Policy::of(&cfg.compression);
         let enabled = self.shared.rt.compression.load(Ordering::Relaxed);
         let multi = self.tx_queue.multi;
         let kind = if enabled { kind } else { Kind::None };
@@ -1021,10 +1025,7 @@ where
                 let (new, decode, written) = if offloaded(size, OFFLOAD_BYTES) {
                     let (cfg, m, args) = (cfg.clone(), self.shared.metrics.clone(), args.to_vec());
                     on_blocking_pool(move || {
-                        let policy = cz::Policy {
-                            codec: cfg.compression.codec(),
-                            exclude: &cfg.compression.exclude,
-                        };
+                        let policy = cz::Policy::of(&cfg.compression);
                         cz::rewrite_write(w, &args, &policy, &m.compression)
                     })
                     .await
@@ -1309,12 +1310,17 @@ where
         .await
     }
 
+    /// Whether this client's reads may use L1: not while a write of its own
+    /// is in flight (or batched), nor on a pinned (SELECTed, transaction)
+    /// connection.
+    fn l1_usable(&self) -> bool {
+        !self.run_writes && self.writes_in_flight == 0 && self.pinned.is_none()
+    }
+
     /// AI.GET from L1, as GET is served (hit, fill, or wait for a fill).
     /// False when L1 cannot answer it: the caller reads the key itself.
     async fn ai_get_from_l1(&mut self, idx: usize, key: &str, post: &AiPost) -> bool {
-        // As for GET: not while this client's own write is in flight, nor
-        // on a pinned (SELECTed, transaction) connection.
-        if self.run_writes || self.writes_in_flight != 0 || self.pinned.is_some() {
+        if !self.l1_usable() {
             return false;
         }
         let Some(l1) = self.shared.l1.clone().filter(|l| l.is_valid()) else {
@@ -1742,10 +1748,7 @@ where
                 // Answers are the large values compression is for: stored
                 // as SET stores them (AI.GET and GET decode either way).
                 if self.shared.rt.compression.load(Ordering::Relaxed) && !self.is_local() {
-                    let policy = cz::Policy {
-                        codec: cfg.compression.codec(),
-                        exclude: &cfg.compression.exclude,
-                    };
+                    let policy = cz::Policy::of(&cfg.compression);
                     if let Some(stored) =
                         policy.encode(req.key.as_bytes(), &value, &metrics.compression)
                     {

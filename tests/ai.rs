@@ -251,6 +251,13 @@ fn answers_round_trip(l1: bool) {
     let mut c = proxy.conn();
     let mut direct = redis.conn();
     let answer = "{\"summary\": \"the quick brown fox jumps over the lazy dog\"} ".repeat(200);
+    let ai_get = |c: &mut redis::Connection, text: &str| -> Option<String> {
+        redis::cmd("AI.GET")
+            .arg("summarize")
+            .arg(text)
+            .query(c)
+            .unwrap()
+    };
     let key: String = redis::cmd("AI.KEY")
         .arg("summarize")
         .arg("a long text")
@@ -272,24 +279,15 @@ fn answers_round_trip(l1: bool) {
     );
     for round in 0..3 {
         // The first read fills L1, the next ones hit it.
-        let got: String = redis::cmd("AI.GET")
-            .arg("summarize")
-            .arg("a long text")
-            .query(&mut c)
-            .unwrap();
-        assert!(got == answer, "AI.GET round {round}");
+        let got = ai_get(&mut c, "a long text");
+        assert!(got.as_ref() == Some(&answer), "AI.GET round {round}");
         let got: String = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
         assert!(got == answer, "GET round {round}");
     }
     // AI.GET is served from L1 like GET, and still counted.
     let before = redis.calls("get");
     for _ in 0..5 {
-        let got: String = redis::cmd("AI.GET")
-            .arg("summarize")
-            .arg("a long text")
-            .query(&mut c)
-            .unwrap();
-        assert!(got == answer);
+        assert!(ai_get(&mut c, "a long text").as_ref() == Some(&answer));
     }
     if l1 {
         assert_eq!(redis.calls("get"), before, "AI.GET hits reached Redis");
@@ -298,12 +296,7 @@ fn answers_round_trip(l1: bool) {
     assert_eq!(stats["hits"], "8", "{stats:?}");
     // A missing answer: a miss, then cached as nil, still counted a miss.
     for _ in 0..2 {
-        let got: Option<String> = redis::cmd("AI.GET")
-            .arg("summarize")
-            .arg("another text")
-            .query(&mut c)
-            .unwrap();
-        assert_eq!(got, None);
+        assert_eq!(ai_get(&mut c, "another text"), None);
     }
     let stats: BTreeMap<String, String> = redis::cmd("AI.STATS").query(&mut c).unwrap();
     assert_eq!(stats["misses"], "2", "{stats:?}");
@@ -314,12 +307,8 @@ fn answers_round_trip(l1: bool) {
         .arg(&other)
         .query(&mut c)
         .unwrap();
-    let got: String = redis::cmd("AI.GET")
-        .arg("summarize")
-        .arg("a long text")
-        .query(&mut c)
-        .unwrap();
-    assert!(got == other, "AI.GET of a value written with SET");
+    let got = ai_get(&mut c, "a long text");
+    assert!(got == Some(other), "AI.GET of a value written with SET");
 }
 
 #[test]
