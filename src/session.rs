@@ -657,6 +657,14 @@ where
                 Some(c) => (id, c),
                 None => {
                     let id = command::lookup(&args);
+                    // Inline writes (telnet, `redis-cli` piping plain text)
+                    // missed the RESP path's local invalidation above.
+                    if let Some(l1) = &l1
+                        && id.is_some_and(command::may_write)
+                    {
+                        invalidate_writes(l1, &args, id);
+                        self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
+                    }
                     (id, command::classify(&args, id))
                 }
             };

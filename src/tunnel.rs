@@ -15,6 +15,14 @@
 //! transaction (EXECABORT), as an ACL refusal does in Redis. Without proxy
 //! users nothing is ever swapped and the downward direction stays a plain
 //! byte copy.
+//!
+//! RESET passes through (it also ends subscriptions, MONITOR and tracking on
+//! Redis' side), but on Redis it also logs the connection out and selects
+//! db 0, while respite's own connections carry the upstream URL's
+//! credentials and db. So RESET is followed by AUTH/SELECT with those, and
+//! the downward direction drops their replies, which follow `+RESET` at
+//! once (RESET has ended every source of pushes), so the client sees Redis'
+//! `+RESET` alone.
 
 use crate::auth::{ClientAuth, Verdict};
 use crate::command::{self, Args, Class, Local};
@@ -35,6 +43,38 @@ struct Swap {
     reply: Bytes,
     /// Close the client after the reply (protocol errors, as Redis does).
     close: bool,
+    /// Not a marker but a RESET: the number of replies after `+RESET` that
+    /// belong to the restoring commands (see `restore_commands`).
+    restore: usize,
+}
+
+/// Redis' reply to RESET.
+const RESET_REPLY: &[u8] = b"+RESET\r\n";
+
+/// What a RESET must be followed by to give the connection back the
+/// upstream URL's user and db, and how many commands that is; empty when
+/// Redis' defaults are those.
+fn restore_commands(shared: &Shared) -> (BytesMut, usize) {
+    let mut out = BytesMut::new();
+    let mut n = 0;
+    if let crate::server::Backend::Upstream(u) = &shared.backend {
+        let url = &u.url;
+        if let Some(pass) = &url.password {
+            match &url.user {
+                Some(user) => resp::encode_command(
+                    &[&b"AUTH"[..], user.as_bytes(), pass.as_bytes()],
+                    &mut out,
+                ),
+                None => resp::encode_command(&[&b"AUTH"[..], pass.as_bytes()], &mut out),
+            }
+            n += 1;
+        }
+        if url.db != 0 {
+            resp::encode_command(&[&b"SELECT"[..], url.db.to_string().as_bytes()], &mut out);
+            n += 1;
+        }
+    }
+    (out, n)
 }
 
 /// Both directions until either side closes (Redis closes a subscriber's
@@ -54,10 +94,11 @@ pub async fn run<CR, CW, UR, UW>(
     let (crd, mut cwr) = client;
     let (mut urd, uwr) = upstream;
     let (tx, rx) = unbounded_channel();
-    let up = upward(shared, auth, crd, rest, uwr, tx);
-    let gated = shared.auth.enabled();
+    let restore = restore_commands(shared);
+    let framed = shared.auth.enabled() || restore.1 > 0;
+    let up = upward(shared, auth, crd, rest, uwr, tx, restore);
     let down = async {
-        if gated {
+        if framed {
             downward(shared, &mut urd, &mut cwr, rx).await;
         } else if let Ok(n) = tokio::io::copy(&mut urd, &mut cwr).await {
             shared.metrics.bytes(0, n as usize);
@@ -77,6 +118,7 @@ async fn upward<CR, UW>(
     mut buf: BytesMut,
     mut uwr: UW,
     tx: UnboundedSender<Swap>,
+    (restore, restore_count): (BytesMut, usize),
 ) where
     CR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
@@ -143,6 +185,15 @@ async fn upward<CR, UW>(
                             } else {
                                 out.extend_from_slice(raw);
                             }
+                            if class == Class::Local(Local::Reset) && !restore.is_empty() {
+                                out.extend_from_slice(&restore);
+                                let _ = tx.send(Swap {
+                                    echo: Bytes::new(),
+                                    reply: Bytes::new(),
+                                    close: false,
+                                    restore: restore_count,
+                                });
+                            }
                         }
                         Verdict::Reply { reply, delay } => {
                             if !delay.is_zero() {
@@ -195,6 +246,7 @@ fn swap(
         echo: Bytes::from(format!("-ERR unknown command '{marker}'")),
         reply,
         close,
+        restore: 0,
     });
     resp::encode_command(&[marker.as_bytes()], out);
 }
@@ -227,6 +279,8 @@ async fn downward<UR, CW>(
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut sc = FrameScanner::new();
     let mut pending: VecDeque<Swap> = VecDeque::new();
+    // Replies of a RESET's restoring commands still to drop.
+    let mut swallow = 0usize;
     loop {
         match urd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -238,6 +292,25 @@ async fn downward<UR, CW>(
                 Ok(Some(end)) => {
                     let frame = buf.split_to(end);
                     sc.reset();
+                    if swallow > 0 {
+                        swallow -= 1;
+                        continue;
+                    }
+                    if &frame[..] == RESET_REPLY {
+                        while let Ok(s) = rx.try_recv() {
+                            pending.push_back(s);
+                        }
+                        // Only a RESET sent since can answer `+RESET` (a
+                        // script's status reply could read the same, but
+                        // not while a RESET is pending unless pipelined
+                        // just ahead of one).
+                        if let Some(at) = pending.iter().position(|s| s.restore > 0) {
+                            swallow = pending[at].restore;
+                            pending.drain(..=at);
+                        }
+                        out.extend_from_slice(&frame);
+                        continue;
+                    }
                     let found = if frame.starts_with(UNKNOWN) {
                         while let Ok(s) = rx.try_recv() {
                             pending.push_back(s);
@@ -247,7 +320,7 @@ async fn downward<UR, CW>(
                         // dropped as Redis would have dropped the reply.
                         pending
                             .iter()
-                            .position(|s| frame.starts_with(&s.echo))
+                            .position(|s| s.restore == 0 && frame.starts_with(&s.echo))
                             .and_then(|at| pending.drain(..=at).last())
                     } else {
                         None

@@ -330,6 +330,48 @@ fn swapdb_through_the_proxy_flushes_l1() {
     assert_eq!(v, "db0", "stale after a SWAPDB in MULTI/EXEC");
 }
 
+#[test]
+fn inline_writes_are_read_back_at_once() {
+    // ttl mode: no invalidation comes from Redis, so only respite's own
+    // invalidation of the written key can make the second GET right.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &redis.url(),
+        &["--set", "l1.mode=ttl", "--set", "l1.max_ttl_ms=60000"],
+    );
+    let mut r = proxy.raw();
+    for (write, after) in [
+        (&b"SET k new\r\n"[..], &b"$3\r\nnew\r\n"[..]),
+        (b"APPEND k er\r\n", b"$5\r\nolder\r\n"),
+        (b"DEL k\r\n", b"$-1\r\n"),
+    ] {
+        r.send(&cmd_bytes(&[b"SET", b"k", b"old"]));
+        r.read_reply();
+        for _ in 0..2 {
+            r.send(&cmd_bytes(&[b"GET", b"k"]));
+            assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
+        }
+        r.send(write);
+        r.read_reply();
+        r.send(&cmd_bytes(&[b"GET", b"k"]));
+        assert_eq!(
+            String::from_utf8_lossy(&r.read_reply()),
+            String::from_utf8_lossy(after),
+            "after inline {:?}",
+            String::from_utf8_lossy(write)
+        );
+    }
+    // FLUSHALL typed inline empties L1 too.
+    r.send(&cmd_bytes(&[b"SET", b"k", b"old"]));
+    r.read_reply();
+    r.send(&cmd_bytes(&[b"GET", b"k"]));
+    r.read_reply();
+    r.send(b"FLUSHALL\r\n");
+    assert_eq!(r.read_reply(), b"+OK\r\n");
+    r.send(&cmd_bytes(&[b"GET", b"k"]));
+    assert_eq!(r.read_reply(), b"$-1\r\n");
+}
+
 /// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
 fn set_thousand_byte_values(c: &mut redis::Connection, prefix: &str, n: usize) {
     let val = vec![b'x'; 1000];

@@ -576,6 +576,58 @@ fn upstream_password_and_client_auth_to_upstream_acl_users() {
     assert!(e.to_string().contains("WRONGPASS"), "{e}");
 }
 
+#[test]
+fn reset_on_a_subscribed_connection_keeps_the_upstream_credentials_and_db() {
+    // On Redis, RESET logs the connection out and selects db 0; a
+    // subscriber's dedicated connection must come back as respite's
+    // connections are: the URL's user and db.
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}/2", redis.port);
+    let proxy = Proxy::start(&url, &[]);
+    for resp3 in [false, true] {
+        let mut r = proxy.raw();
+        if resp3 {
+            r.send(&cmd_bytes(&[b"HELLO", b"3"]));
+            r.read_reply();
+        }
+        r.send(&cmd_bytes(&[b"SUBSCRIBE", b"ch"]));
+        r.read_reply();
+        // Pipelined: the RESET reply, then the next command's, nothing else.
+        let mut batch = cmd_bytes(&[b"RESET"]);
+        batch.extend(cmd_bytes(&[b"SET", b"after-reset", b"v"]));
+        batch.extend(cmd_bytes(&[b"PING"]));
+        r.send(&batch);
+        assert_eq!(r.read_reply(), b"+RESET\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&r.read_reply()),
+            "+OK\r\n",
+            "resp3={resp3}"
+        );
+        assert_eq!(r.read_reply(), b"+PONG\r\n");
+        r.send(&cmd_bytes(&[b"GET", b"after-reset"]));
+        assert_eq!(r.read_reply(), b"$1\r\nv\r\n");
+        // Still subscribed-capable: RESET again, twice in a row.
+        r.send(&cmd_bytes(&[b"SUBSCRIBE", b"ch"]));
+        r.read_reply();
+        let mut batch = cmd_bytes(&[b"RESET"]);
+        batch.extend(cmd_bytes(&[b"RESET"]));
+        batch.extend(cmd_bytes(&[b"DBSIZE"]));
+        r.send(&batch);
+        assert_eq!(r.read_reply(), b"+RESET\r\n");
+        assert_eq!(r.read_reply(), b"+RESET\r\n");
+        assert_eq!(r.read_reply(), b":1\r\n");
+    }
+    let mut direct = redis::Client::open(format!("redis://:s3cret@127.0.0.1:{}/2", redis.port))
+        .unwrap()
+        .get_connection_with_timeout(TIMEOUT)
+        .unwrap();
+    let v: String = redis::cmd("GET")
+        .arg("after-reset")
+        .query(&mut direct)
+        .unwrap();
+    assert_eq!(v, "v", "written to the URL's db");
+}
+
 /// Found by running redis-py's own test suite through respite.
 #[test]
 fn redis_py_suite_regressions() {
