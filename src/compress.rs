@@ -32,7 +32,7 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Marks a framed value.
 ///
@@ -195,17 +195,16 @@ impl Codec {
     }
 
     fn decode_parts(&self, stored: &[u8]) -> Result<Decoded, CompressError> {
-        if !is_compressed(stored) {
-            return Ok(Decoded::Unmarked);
-        }
-        let header = parse_header(stored)?;
-        let payload = &stored[header.len..];
-        if header.algorithm == ALGORITHM_RAW {
-            check_raw_len(header.declared, payload.len())?;
-            return Ok(Decoded::Raw { offset: header.len });
-        }
-        self.decompress(header.declared, payload)
-            .map(Decoded::Decompressed)
+        Ok(match self.decode_parts_lazy(stored)? {
+            // A raw frame's payload is the end of `stored`.
+            Lazy::Plain(v) if v.len() == stored.len() => Decoded::Unmarked,
+            Lazy::Plain(v) => Decoded::Raw {
+                offset: stored.len() - v.len(),
+            },
+            Lazy::Lz4 { declared, block } => {
+                Decoded::Decompressed(self.decompress(declared, block)?)
+            }
+        })
     }
 
     fn compress(&self, value: &[u8]) -> Option<Bytes> {
@@ -258,9 +257,71 @@ impl Codec {
         Some((len as f64 * keep).floor() as usize)
     }
 
-    fn decompress(&self, declared: u64, block: &[u8]) -> Result<Vec<u8>, CompressError> {
-        // lz4_flex writes into a buffer we size from the header, so the
-        // header must be proven sane before that buffer exists.
+    /// Appends the RESP bulk string of the value a client should see for
+    /// `stored` to `out`. Same result as framing [`Codec::decode`]'s value,
+    /// but an LZ4 value is decoded straight into `out`: a 64 KiB reply is
+    /// then written once instead of decoded and copied.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Codec::decode`]; `out` is left as it was.
+    pub fn decode_bulk_into(&self, stored: &[u8], out: &mut BytesMut) -> Result<(), CompressError> {
+        let value = match self.decode_parts_lazy(stored)? {
+            Lazy::Plain(v) => v,
+            Lazy::Lz4 { declared, block } => {
+                let len = self.checked_len(declared, block)?;
+                let at = out.len();
+                out.reserve(len + 24);
+                out.put_u8(b'$');
+                out.put_slice(len.to_string().as_bytes());
+                out.put_slice(b"\r\n");
+                let start = out.len();
+                out.resize(start + len, 0);
+                match lz4_flex::block::decompress_into(block, &mut out[start..]) {
+                    Ok(written) if written == len => {
+                        out.put_slice(b"\r\n");
+                        return Ok(());
+                    }
+                    r => {
+                        out.truncate(at);
+                        return Err(match r {
+                            Ok(actual) => CompressError::LengthMismatch { declared, actual },
+                            Err(e) => lz4_error(declared, &e),
+                        });
+                    }
+                }
+            }
+        };
+        out.reserve(value.len() + 24);
+        out.put_u8(b'$');
+        out.put_slice(value.len().to_string().as_bytes());
+        out.put_slice(b"\r\n");
+        out.put_slice(value);
+        out.put_slice(b"\r\n");
+        Ok(())
+    }
+
+    /// The header checked, but nothing decompressed yet.
+    fn decode_parts_lazy<'a>(&self, stored: &'a [u8]) -> Result<Lazy<'a>, CompressError> {
+        if !is_compressed(stored) {
+            return Ok(Lazy::Plain(stored));
+        }
+        let header = parse_header(stored)?;
+        let payload = &stored[header.len..];
+        if header.algorithm == ALGORITHM_RAW {
+            check_raw_len(header.declared, payload.len())?;
+            return Ok(Lazy::Plain(payload));
+        }
+        Ok(Lazy::Lz4 {
+            declared: header.declared,
+            block: payload,
+        })
+    }
+
+    /// The declared length as a size to allocate, once it is proven sane:
+    /// lz4_flex writes into a buffer we size from the header, so the header
+    /// must be checked before that buffer exists.
+    fn checked_len(&self, declared: u64, block: &[u8]) -> Result<usize, CompressError> {
         let len = usize::try_from(declared)
             .ok()
             .filter(|&len| len <= self.max_decompressed_bytes)
@@ -274,17 +335,15 @@ impl Codec {
                 payload: block.len(),
             });
         }
+        Ok(len)
+    }
+
+    fn decompress(&self, declared: u64, block: &[u8]) -> Result<Vec<u8>, CompressError> {
+        let len = self.checked_len(declared, block)?;
         // `decompress` writes into the new vector's spare capacity (checked
         // against it) instead of a zeroed buffer: zeroing was ~10% of a
         // 64 KiB decode.
-        let out = lz4_flex::block::decompress(block, len).map_err(|e| match e {
-            lz4_flex::block::DecompressError::OutputTooSmall { .. } => {
-                CompressError::DecodedTooLong { declared }
-            }
-            other => CompressError::InvalidBlock {
-                reason: lz4_reason(&other),
-            },
-        })?;
+        let out = lz4_flex::block::decompress(block, len).map_err(|e| lz4_error(declared, &e))?;
         if out.len() != len {
             return Err(CompressError::LengthMismatch {
                 declared,
@@ -293,6 +352,27 @@ impl Codec {
         }
         Ok(out)
     }
+}
+
+fn lz4_error(declared: u64, e: &lz4_flex::block::DecompressError) -> CompressError {
+    match e {
+        lz4_flex::block::DecompressError::OutputTooSmall { .. } => {
+            CompressError::DecodedTooLong { declared }
+        }
+        other => CompressError::InvalidBlock {
+            reason: lz4_reason(other),
+        },
+    }
+}
+
+/// A stored value before any decompression.
+enum Lazy<'a> {
+    /// What the client sees: unmarked, or a raw frame's payload.
+    Plain(&'a [u8]),
+    Lz4 {
+        declared: u64,
+        block: &'a [u8],
+    },
 }
 
 /// Whether `value` is framed (LZ4 or raw) and so must go through
@@ -936,6 +1016,55 @@ mod tests {
                 "{block:x?}"
             );
         }
+    }
+
+    #[test]
+    fn decode_bulk_into_frames_what_decode_returns() {
+        let codec = Codec::default();
+        let mut rng = Rng(0xB01C);
+        let mut inputs: Vec<Bytes> = vec![
+            Bytes::new(),
+            Bytes::from_static(b"plain"),
+            Bytes::from(MAGIC.to_vec()),
+        ];
+        for len in [1, 1023, 1024, 5000, 70_000] {
+            let v = json_like(len, len as u64);
+            inputs.push(codec.encode(&v).unwrap_or_else(|| Bytes::from(v.clone())));
+            let mut magic = MAGIC.to_vec();
+            magic.extend(rng.bytes(len));
+            inputs.push(codec.encode(&magic).unwrap());
+        }
+        let frame = codec.encode(&json_like(3000, 9)).unwrap();
+        for i in 0..frame.len() {
+            let mut corrupt = frame.to_vec();
+            corrupt[i] ^= 1 << (i % 8);
+            inputs.push(Bytes::from(corrupt));
+        }
+        for _ in 0..2000 {
+            let n = rng.below(64) as usize;
+            let block = rng.bytes(n);
+            inputs.push(lz4_frame(rng.below(4096), &block));
+        }
+        let (mut ok, mut err) = (0, 0);
+        for stored in &inputs {
+            let mut out = BytesMut::from(&b"before"[..]);
+            let got = codec.decode_bulk_into(stored, &mut out);
+            match codec.decode(stored) {
+                Ok(v) => {
+                    assert_eq!(got, Ok(()));
+                    let mut want = BytesMut::from(&b"before"[..]);
+                    crate::resp::bulk(&mut want, &v);
+                    assert_eq!(out, want);
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(got, Err(e));
+                    assert_eq!(&out[..], b"before", "left as it was");
+                    err += 1;
+                }
+            }
+        }
+        assert!(ok > 20 && err > 1000, "{ok} {err}");
     }
 
     #[test]

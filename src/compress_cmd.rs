@@ -680,11 +680,9 @@ fn transform(
                 out.extend_from_slice(&buf[pos..end]);
                 return Ok(end);
             }
-            match codec.decode_slice(payload) {
-                Ok(v) => {
-                    out.reserve(v.len() + 24);
+            match codec.decode_bulk_into(payload, out) {
+                Ok(()) => {
                     stats.decompressed.fetch_add(1, Ordering::Relaxed);
-                    crate::resp::bulk(out, &v);
                     Ok(end)
                 }
                 Err(e) => Err(Fail::Corrupt(e)),

@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use respite::compress::{Codec, FORMAT_VERSION, MAGIC, decoded_len, is_compressed};
 
@@ -52,6 +52,22 @@ fn check_decode(codec: &Codec, stored: &[u8]) {
         (Ok(a), Ok(b)) => assert_eq!(&a[..], &b[..]),
         (Err(a), Err(b)) => assert_eq!(a, b),
         _ => panic!("decode and decode_slice disagree: {owned:?} vs {borrowed:?}"),
+    }
+    // The reply path decodes straight into the output buffer.
+    let mut out = BytesMut::from(&b"+x\r\n"[..]);
+    let framed = codec.decode_bulk_into(stored, &mut out);
+    match (&owned, framed) {
+        (Ok(v), Ok(())) => {
+            let head = format!("+x\r\n${}\r\n", v.len());
+            assert_eq!(&out[..head.len()], head.as_bytes());
+            assert_eq!(&out[head.len()..out.len() - 2], &v[..]);
+            assert_eq!(&out[out.len() - 2..], b"\r\n");
+        }
+        (Err(a), Err(b)) => {
+            assert_eq!(a, &b);
+            assert_eq!(&out[..], b"+x\r\n", "output changed on error");
+        }
+        (a, b) => panic!("decode and decode_bulk_into disagree: {a:?} vs {b:?}"),
     }
     if let Ok(value) = owned {
         assert_eq!(decoded_len(stored), Some(value.len()));
