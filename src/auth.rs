@@ -231,8 +231,11 @@ impl ClientAuth {
             }
             Class::Local(Local::Quit) => return Verdict::Allow,
             // As in Redis: RESET returns to the default, unauthenticated state.
+            // (With arguments it is an arity error and changes nothing.)
             Class::Local(Local::Reset) => {
-                self.user = None;
+                if args.count() == 1 {
+                    self.user = None;
+                }
                 return Verdict::Allow;
             }
             _ => {}

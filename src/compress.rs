@@ -268,6 +268,14 @@ impl Codec {
     pub fn decode_bulk_into(&self, stored: &[u8], out: &mut BytesMut) -> Result<(), CompressError> {
         let value = match self.decode_parts_lazy(stored)? {
             Lazy::Plain(v) => v,
+            // Beyond 1 MiB the declared length is only trusted once the
+            // block has decoded to it: zeroing it in `out` first would let
+            // a forged frame make us touch 255x its size before failing.
+            Lazy::Lz4 { declared, block } if declared > 1 << 20 => {
+                let value = self.decompress(declared, block)?;
+                crate::resp::bulk(out, &value);
+                return Ok(());
+            }
             Lazy::Lz4 { declared, block } => {
                 let len = self.checked_len(declared, block)?;
                 let at = out.len();
@@ -1027,7 +1035,7 @@ mod tests {
             Bytes::from_static(b"plain"),
             Bytes::from(MAGIC.to_vec()),
         ];
-        for len in [1, 1023, 1024, 5000, 70_000] {
+        for len in [1, 1023, 1024, 5000, 70_000, (1 << 20) + 1] {
             let v = json_like(len, len as u64);
             inputs.push(codec.encode(&v).unwrap_or_else(|| Bytes::from(v.clone())));
             let mut magic = MAGIC.to_vec();

@@ -225,6 +225,9 @@ enum Flow {
     Tunnel {
         first: Bytes,
         rest: BytesMut,
+        /// SYNC/PSYNC: what comes down is a replication stream, not
+        /// replies.
+        replication: bool,
     },
 }
 
@@ -433,7 +436,11 @@ where
         pause_deadline(&mut partial, waited_since);
     };
     match flow {
-        Flow::Tunnel { first, rest } => s.tunnel(rd, first, rest).await,
+        Flow::Tunnel {
+            first,
+            rest,
+            replication,
+        } => s.tunnel(rd, first, rest, replication).await,
         _ => {
             let shutdown = shared.shutdown.clone();
             tokio::select! {
@@ -679,7 +686,9 @@ where
             };
             match self.dispatch(class, id, &args, raw).await {
                 Flow::Continue => {}
-                Flow::Tunnel { first, .. } => {
+                Flow::Tunnel {
+                    first, replication, ..
+                } => {
                     // Whatever the client pipelined after the tunnelling
                     // command goes through the tunnel's own gate, ahead of
                     // the bytes not parsed yet.
@@ -689,7 +698,11 @@ where
                     }
                     rest.extend_from_slice(buf);
                     buf.clear();
-                    return Flow::Tunnel { first, rest };
+                    return Flow::Tunnel {
+                        first,
+                        rest,
+                        replication,
+                    };
                 }
                 Flow::Stop => return Flow::Stop,
             }
@@ -1462,6 +1475,7 @@ where
                 return Flow::Tunnel {
                     first: raw,
                     rest: BytesMut::new(),
+                    replication: matches!(id.map(command::name), Some("SYNC" | "PSYNC")),
                 };
             }
             Class::Local(l) => return self.local(l, idx, args, raw).await,
@@ -1967,7 +1981,13 @@ where
 
     /// The rest of the session's life on a dedicated upstream connection
     /// (src/tunnel.rs).
-    async fn tunnel<R: AsyncRead + Unpin>(mut self, crd: R, first: Bytes, rest: BytesMut) {
+    async fn tunnel<R: AsyncRead + Unpin>(
+        mut self,
+        crd: R,
+        first: Bytes,
+        rest: BytesMut,
+        replication: bool,
+    ) {
         self.wait_drained().await;
         let mut cwr = self.wr;
         let up = match self.pinned.take() {
@@ -1992,7 +2012,15 @@ where
         if up.w.write_all(&first).await.is_err() {
             return;
         }
-        crate::tunnel::run(&self.shared, &mut self.auth, (crd, cwr), (up.r, up.w), rest).await;
+        crate::tunnel::run(
+            &self.shared,
+            &mut self.auth,
+            (crd, cwr),
+            (up.r, up.w),
+            rest,
+            replication,
+        )
+        .await;
     }
 }
 

@@ -53,11 +53,16 @@ const RESET_REPLY: &[u8] = b"+RESET\r\n";
 
 /// What a RESET must be followed by to give the connection back the
 /// upstream URL's user and db, and how many commands that is; empty when
-/// Redis' defaults are those.
+/// Redis' defaults are those, or when Redis is older than 6.2 (no RESET:
+/// its error would not be `+RESET`, and the restoring replies would reach
+/// the client).
 fn restore_commands(shared: &Shared) -> (BytesMut, usize) {
     let mut out = BytesMut::new();
     let mut n = 0;
     if let crate::server::Backend::Upstream(u) = &shared.backend {
+        if !has_reset(&u.health.version.lock().unwrap_or_else(|e| e.into_inner())) {
+            return (out, 0);
+        }
         let url = &u.url;
         if let Some(pass) = &url.password {
             match &url.user {
@@ -77,14 +82,28 @@ fn restore_commands(shared: &Shared) -> (BytesMut, usize) {
     (out, n)
 }
 
+/// Whether a Redis of this `redis_version` has RESET (6.2); an unknown
+/// version is taken to have it.
+fn has_reset(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (6, 2),
+        _ => true,
+    }
+}
+
 /// Both directions until either side closes (Redis closes a subscriber's
 /// connection the same way). `first` has been checked and sent already.
+/// A `replication` stream (SYNC/PSYNC) is not RESP frames (the RDB has no
+/// trailing CRLF, keepalives are bare newlines): it is always copied as it
+/// comes.
 pub async fn run<CR, CW, UR, UW>(
     shared: &Shared,
     auth: &mut ClientAuth,
     client: (CR, CW),
     upstream: (UR, UW),
     rest: BytesMut,
+    replication: bool,
 ) where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
@@ -94,8 +113,12 @@ pub async fn run<CR, CW, UR, UW>(
     let (crd, mut cwr) = client;
     let (mut urd, uwr) = upstream;
     let (tx, rx) = unbounded_channel();
-    let restore = restore_commands(shared);
-    let framed = shared.auth.enabled() || restore.1 > 0;
+    let restore = if replication {
+        (BytesMut::new(), 0)
+    } else {
+        restore_commands(shared)
+    };
+    let framed = !replication && (shared.auth.enabled() || restore.1 > 0);
     let up = upward(shared, auth, crd, rest, uwr, tx, restore);
     let down = async {
         if framed {
@@ -126,6 +149,8 @@ async fn upward<CR, UW>(
     let gated = shared.auth.enabled();
     let tag: u64 = rand::random();
     let mut seq = 0u64;
+    // The previous command was CLIENT REPLY SKIP.
+    let mut reply_skip = false;
     let mut out = BytesMut::new();
     loop {
         let limits = shared.rt.limits();
@@ -156,6 +181,7 @@ async fn upward<CR, UW>(
                     };
                     let id = command::lookup(args);
                     let class = command::classify(args, id);
+                    let skip_next = std::mem::replace(&mut reply_skip, is_reply_skip(args));
                     let verdict = if gated {
                         match auth.check(&shared.auth, args, id, class) {
                             // Proxy credentials never go upstream; the pushes
@@ -185,7 +211,15 @@ async fn upward<CR, UW>(
                             } else {
                                 out.extend_from_slice(raw);
                             }
-                            if class == Class::Local(Local::Reset) && !restore.is_empty() {
+                            // A RESET with arguments is refused by Redis. One
+                            // whose reply CLIENT REPLY SKIP suppresses gives no
+                            // `+RESET` to find the restoring replies by: that
+                            // connection is left logged out, as Redis leaves it.
+                            if class == Class::Local(Local::Reset)
+                                && p.args.len() == 1
+                                && !skip_next
+                                && restore_count > 0
+                            {
                                 out.extend_from_slice(&restore);
                                 let _ = tx.send(Swap {
                                     echo: Bytes::new(),
@@ -230,6 +264,14 @@ async fn upward<CR, UW>(
             Ok(_) => {}
         }
     }
+}
+
+fn is_reply_skip(args: &dyn Args) -> bool {
+    args.count() == 3
+        && [&b"CLIENT"[..], b"REPLY", b"SKIP"]
+            .iter()
+            .enumerate()
+            .all(|(i, w)| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(w)))
 }
 
 /// Queues the swap, then the marker command Redis will refuse in its place.
@@ -294,6 +336,12 @@ async fn downward<UR, CW>(
                     sc.reset();
                     if swallow > 0 {
                         swallow -= 1;
+                        if frame.first() == Some(&b'-') {
+                            tracing::warn!(
+                                reply = %String::from_utf8_lossy(&frame[..frame.len() - 2]),
+                                "restoring the upstream user/db after RESET on a subscribed connection failed"
+                            );
+                        }
                         continue;
                     }
                     if &frame[..] == RESET_REPLY {

@@ -626,6 +626,92 @@ fn reset_on_a_subscribed_connection_keeps_the_upstream_credentials_and_db() {
         .query(&mut direct)
         .unwrap();
     assert_eq!(v, "v", "written to the URL's db");
+
+    // A RESET with arguments is Redis' arity error and changes nothing.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"SUBSCRIBE", b"ch"]));
+    r.read_reply();
+    let mut batch = cmd_bytes(&[b"RESET", b"x"]);
+    batch.extend(cmd_bytes(&[b"PING"]));
+    r.send(&batch);
+    assert_eq!(
+        String::from_utf8_lossy(&r.read_reply()),
+        "-ERR wrong number of arguments for 'reset' command\r\n"
+    );
+    assert_eq!(r.read_reply(), b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+
+    // After CLIENT REPLY SKIP, Redis sends nothing for the RESET: no
+    // `+RESET` marks where the restoring replies would be, so none is sent
+    // and the connection is left as Redis leaves it, logged out.
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"CLIENT", b"TRACKING", b"ON"]));
+    assert_eq!(r.read_reply(), b"+OK\r\n");
+    let mut batch = cmd_bytes(&[b"CLIENT", b"REPLY", b"SKIP"]);
+    batch.extend(cmd_bytes(&[b"RESET"]));
+    batch.extend(cmd_bytes(&[b"PING"]));
+    r.send(&batch);
+    let reply = r.read_reply();
+    assert!(
+        reply.starts_with(b"-NOAUTH"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    r.send(&cmd_bytes(&[b"AUTH", b"s3cret"]));
+    assert_eq!(r.read_reply(), b"+OK\r\n");
+    r.send(&cmd_bytes(&[b"PING"]));
+    assert_eq!(r.read_reply(), b"+PONG\r\n");
+}
+
+#[test]
+fn replication_stream_passes_through_with_upstream_credentials() {
+    // SYNC's stream is not RESP frames (an RDB without trailing CRLF,
+    // bare-newline keepalives); it must be copied as it comes even when the
+    // tunnel would otherwise read frames (password and db in the URL).
+    let redis =
+        RedisServer::start_with(&["--requirepass", "s3cret", "--repl-diskless-sync-delay", "0"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}/2", redis.port);
+    let proxy = Proxy::start(&url, &[]);
+    let mut r = proxy.raw();
+    r.send(&cmd_bytes(&[b"SYNC"]));
+    let mut direct = redis::Client::open(format!("redis://:s3cret@127.0.0.1:{}/2", redis.port))
+        .unwrap()
+        .get_connection_with_timeout(TIMEOUT)
+        .unwrap();
+    let mut seen = Vec::new();
+    let t = std::time::Instant::now();
+    for i in 0.. {
+        // Writes keep coming until the stream carries one of them.
+        let key = format!("replicated-{i}");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("v")
+            .query(&mut direct)
+            .unwrap();
+        seen.extend(r.read_n(1));
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if text.contains("replicated-") && text.contains("SET") {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "no replicated write in the stream: {:?}",
+            &text[..text.len().min(300)]
+        );
+    }
+    // Still open: a later write arrives too.
+    let _: () = redis::cmd("SET")
+        .arg("last-write")
+        .arg("v")
+        .query(&mut direct)
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("last-write") {
+        seen.extend(r.read_n(1));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "stream stopped"
+        );
+    }
 }
 
 /// Found by running redis-py's own test suite through respite.
