@@ -231,11 +231,9 @@ impl ClientAuth {
             }
             Class::Local(Local::Quit) => return Verdict::Allow,
             // As in Redis: RESET returns to the default, unauthenticated state.
-            // (With arguments it is an arity error and changes nothing.)
+            // (RESET with arguments is not classed as RESET: Redis refuses it.)
             Class::Local(Local::Reset) => {
-                if args.count() == 1 {
-                    self.user = None;
-                }
+                self.user = None;
                 return Verdict::Allow;
             }
             _ => {}

@@ -211,12 +211,12 @@ async fn upward<CR, UW>(
                             } else {
                                 out.extend_from_slice(raw);
                             }
-                            // A RESET with arguments is refused by Redis. One
-                            // whose reply CLIENT REPLY SKIP suppresses gives no
-                            // `+RESET` to find the restoring replies by: that
-                            // connection is left logged out, as Redis leaves it.
+                            // (A RESET with arguments is not classed as one.)
+                            // A RESET whose reply CLIENT REPLY SKIP suppresses
+                            // gives no `+RESET` to find the restoring replies
+                            // by: that connection is left logged out, as Redis
+                            // leaves it.
                             if class == Class::Local(Local::Reset)
-                                && p.args.len() == 1
                                 && !skip_next
                                 && restore_count > 0
                             {

@@ -422,6 +422,17 @@ fn select_isolation_and_reset() {
         .query::<()>(&mut b)
         .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
+    // With arguments RESET is Redis' arity error and resets nothing (as
+    // CLIENT GETNAME with one too many), with Redis' own wording.
+    let mut raw = proxy.raw();
+    raw.send(&cmd_bytes(&[b"SELECT", b"3"]));
+    raw.expect(b"+OK\r\n");
+    raw.send(&cmd_bytes(&[b"RESET", b"x"]));
+    raw.expect(b"-ERR wrong number of arguments for 'reset' command\r\n");
+    raw.send(&cmd_bytes(&[b"CLIENT", b"GETNAME", b"x"]));
+    raw.expect(b"-ERR wrong number of arguments for 'client|getname' command\r\n");
+    raw.send(&cmd_bytes(&[b"GET", b"k"]));
+    raw.expect(b"$3\r\nin3\r\n");
     let r: String = redis::cmd("RESET").query(&mut a).unwrap();
     assert_eq!(r, "RESET");
     let v: String = redis::cmd("GET").arg("k").query(&mut a).unwrap();

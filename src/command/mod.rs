@@ -246,14 +246,15 @@ pub fn classify<A: Args + ?Sized>(args: &A, id: Option<usize>) -> Class {
         "HELLO" => Class::Local(Local::Hello),
         "AUTH" => Class::Local(Local::Auth),
         "SELECT" => Class::Local(Local::Select),
-        "RESET" => Class::Local(Local::Reset),
+        // With arguments these are Redis' arity error, which Redis words.
+        "RESET" if args.count() == 1 => Class::Local(Local::Reset),
         "INFO" => Class::Local(Local::Info),
         // WAIT blocks its connection although Redis does not flag it blocking.
         "MULTI" | "WATCH" | "WAIT" | "WAITAOF" => Class::Pin,
         "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "SYNC" | "PSYNC" => Class::Tunnel,
         "CLIENT|TRACKING" | "CLIENT|REPLY" => Class::Tunnel,
         // Connection state that must live on a connection of the client's own.
-        "CLIENT|GETNAME" => Class::Local(Local::GetName),
+        "CLIENT|GETNAME" if args.count() == 2 => Class::Local(Local::GetName),
         "CLIENT|SETNAME" | "CLIENT|NO-EVICT" | "CLIENT|NO-TOUCH" | "CLIENT|CACHING"
         | "READONLY" | "READWRITE" | "ASKING" => Class::Pin,
         "XREAD" | "XREADGROUP" => {
@@ -444,6 +445,10 @@ mod tests {
         assert_eq!(class(&["proxy", "info"]), Class::Local(Local::Proxy));
         assert_eq!(class(&["ai.get", "x"]), Class::Local(Local::Ai));
         assert_eq!(class(&["quit"]), Class::Local(Local::Quit));
+        assert_eq!(class(&["reset"]), Class::Local(Local::Reset));
+        assert_eq!(class(&["reset", "x"]), Class::Pass);
+        assert_eq!(class(&["client", "getname"]), Class::Local(Local::GetName));
+        assert_eq!(class(&["client", "getname", "x"]), Class::Pass);
         assert_eq!(class(&["nosuch"]), Class::Pass);
     }
 
