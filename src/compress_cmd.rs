@@ -39,9 +39,11 @@
 //!     SETRANGE with an empty value, which Redis also leaves alone) run on
 //!     temporary decoded copies that the script creates and deletes around
 //!     the command. The key read is never written: a WATCH on it holds, no
-//!     keyspace event fires for it, it stays compressed. STRLEN and HSTRLEN
-//!     outside MULTI need no copy: the reply is the decoded length of the
-//!     frame the first script run reported ([`length_only`]).
+//!     keyspace event fires for it, it stays compressed. Outside MULTI,
+//!     STRLEN, HSTRLEN, GETRANGE, SUBSTR and GETBIT need no copy: the proxy
+//!     answers from the frame the first script run reported, as Redis would
+//!     for its decoded value ([`local_answer`]), so they also work on a
+//!     read-only replica or under OOM, where copies cannot be written.
 //!   - **Writers** rewrite each key uncompressed (`SET … KEEPTTL` / `HSET`,
 //!     so TTLs stay) and run the command on it. Keys a writer touched stay
 //!     uncompressed until rewritten. A value the command leaves beginning
@@ -741,12 +743,67 @@ pub fn arity_ok(id: usize, args: &[Bytes]) -> bool {
     }
 }
 
-/// STRLEN and HSTRLEN (arity already checked): on a compressed value the
-/// reply is its decoded length, which the proxy knows once it decoded the
-/// frame the script reported.
-pub fn length_only(cmd: &[Bytes]) -> bool {
-    cmd.first()
-        .is_some_and(|c| c.eq_ignore_ascii_case(b"STRLEN") || c.eq_ignore_ascii_case(b"HSTRLEN"))
+/// The reply of a reader of one value, computed from the decoded value the
+/// script just read atomically, where Redis' answer follows from the value
+/// and the arguments alone: STRLEN and HSTRLEN, GETRANGE and SUBSTR, and
+/// GETBIT inside the value. No temporary copy is written, so these also
+/// work where Redis refuses writes (OOM, read-only replica), and they cost
+/// one round trip fewer. `None` runs the command in Redis on a copy:
+/// arguments Redis refuses (its own error), and a GETBIT past the value
+/// (Redis checks that offset against its configured proto-max-bulk-len).
+pub fn local_answer(cmd: &[Bytes], value: &[u8]) -> Option<Bytes> {
+    let name = cmd.first()?;
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let mut out = BytesMut::new();
+    if (is(b"STRLEN") && cmd.len() == 2) || (is(b"HSTRLEN") && cmd.len() == 3) {
+        crate::resp::int(&mut out, value.len() as i64);
+    } else if (is(b"GETRANGE") || is(b"SUBSTR")) && cmd.len() == 4 {
+        let range = getrange(value, redis_ll(&cmd[2])?, redis_ll(&cmd[3])?);
+        crate::resp::bulk(&mut out, range);
+    } else if is(b"GETBIT") && cmd.len() == 3 {
+        let offset = u64::try_from(redis_ll(&cmd[2])?).ok()?;
+        let byte = *value.get(usize::try_from(offset >> 3).ok()?)?;
+        crate::resp::int(&mut out, i64::from(byte >> (7 - (offset & 7)) & 1));
+    } else {
+        return None;
+    }
+    Some(out.freeze())
+}
+
+/// Redis' `getrangeCommand` on `value` (t_string.c, 6.2-7.x).
+fn getrange(value: &[u8], mut start: i64, mut end: i64) -> &[u8] {
+    if start < 0 && end < 0 && start > end {
+        return b"";
+    }
+    let len = value.len() as i64;
+    if start < 0 {
+        start = len.wrapping_add(start);
+    }
+    if end < 0 {
+        end = len.wrapping_add(end);
+    }
+    start = start.max(0);
+    end = end.max(0);
+    if end >= len {
+        end = len - 1;
+    }
+    if start > end || len == 0 {
+        return b"";
+    }
+    &value[start as usize..=end as usize]
+}
+
+/// An integer argument as Redis' `string2ll` reads it: no sign but '-', no
+/// leading zeros, no spaces, within i64.
+fn redis_ll(s: &[u8]) -> Option<i64> {
+    if s == b"0" {
+        return Some(0);
+    }
+    let digits = s.strip_prefix(b"-").unwrap_or(s);
+    if !matches!(digits.first(), Some(b'1'..=b'9')) {
+        return None;
+    }
+    crate::resp::parse_int(s)
 }
 
 /// A key (or hash field) a byte-level command reads.
@@ -1058,6 +1115,66 @@ pub fn render_prometheus(m: &Metrics, s: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_are_read_as_redis_reads_them() {
+        for (s, want) in [
+            (&b"0"[..], Some(0)),
+            (b"12", Some(12)),
+            (b"-12", Some(-12)),
+            (b"-9223372036854775808", Some(i64::MIN)),
+            (b"9223372036854775807", Some(i64::MAX)),
+            (b"9223372036854775808", None),
+            (b"007", None),
+            (b"-0", None),
+            (b"+1", None),
+            (b" 1", None),
+            (b"1 ", None),
+            (b"", None),
+            (b"-", None),
+        ] {
+            assert_eq!(redis_ll(s), want, "{:?}", String::from_utf8_lossy(s));
+        }
+    }
+
+    #[test]
+    fn local_answers() {
+        let b = |xs: &[&str]| {
+            xs.iter()
+                .map(|x| Bytes::from(x.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let v = b"0123456789";
+        let ask = |xs: &[&str]| local_answer(&b(xs), v);
+        assert_eq!(ask(&["strlen", "k"]).unwrap(), &b":10\r\n"[..]);
+        assert_eq!(
+            ask(&["GETRANGE", "k", "2", "4"]).unwrap(),
+            &b"$3\r\n234\r\n"[..]
+        );
+        assert_eq!(
+            ask(&["GETRANGE", "k", "-3", "-1"]).unwrap(),
+            &b"$3\r\n789\r\n"[..]
+        );
+        assert_eq!(
+            ask(&["GETRANGE", "k", "-1", "-3"]).unwrap(),
+            &b"$0\r\n\r\n"[..]
+        );
+        assert_eq!(
+            ask(&["SUBSTR", "k", "8", "100"]).unwrap(),
+            &b"$2\r\n89\r\n"[..]
+        );
+        assert_eq!(ask(&["GETRANGE", "k", "a", "1"]), None, "Redis' own error");
+        // '0' is 0x30: bits 2 and 3 are set.
+        assert_eq!(ask(&["getbit", "k", "2"]).unwrap(), &b":1\r\n"[..]);
+        assert_eq!(ask(&["getbit", "k", "0"]).unwrap(), &b":0\r\n"[..]);
+        assert_eq!(
+            ask(&["getbit", "k", "80"]),
+            None,
+            "past the value: Redis decides"
+        );
+        assert_eq!(ask(&["getbit", "k", "-1"]), None);
+        assert_eq!(ask(&["BITCOUNT", "k"]), None);
+    }
 
     fn codec() -> Codec {
         Codec {

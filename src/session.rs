@@ -1188,20 +1188,18 @@ where
                     }
                 }
             }
-            // The reply is the length of the one value the script just read
-            // atomically: no copy in Redis needed, so this also works where
-            // Redis refuses writes (OOM, read-only replica).
-            if cz::length_only(cmd)
+            // Answered from the one value the script just read atomically
+            // where that is Redis' answer (see cz::local_answer).
+            if read
                 && let [e] = expect.as_slice()
+                && let Some(reply) = cz::local_answer(cmd, &e.value)
             {
                 self.shared
                     .metrics
                     .compression
                     .emulated
                     .fetch_add(1, Ordering::Relaxed);
-                let mut b = BytesMut::new();
-                resp::int(&mut b, e.value.len() as i64);
-                return b.freeze();
+                return reply;
             }
         }
         resp::error_bytes("ERR respite: value kept changing concurrently, try again")

@@ -823,6 +823,38 @@ fn reads_of_compressed_keys_leave_them_alone() {
         ],
         vec![b"LCS", b"k", b"k"],
         vec![b"HSTRLEN", b"h", b"f"],
+        // Ranges and offsets at the edges of what Redis accepts.
+        vec![b"GETRANGE", b"k", b"0", b"-1"],
+        vec![b"GETRANGE", b"k", b"-1", b"-5"],
+        vec![b"GETRANGE", b"k", b"-5", b"-1"],
+        vec![b"GETRANGE", b"k", b"5", b"3"],
+        vec![b"GETRANGE", b"k", b"-100000", b"3"],
+        vec![b"GETRANGE", b"k", b"100000", b"100001"],
+        vec![
+            b"GETRANGE",
+            b"k",
+            b"-9223372036854775808",
+            b"9223372036854775807",
+        ],
+        vec![
+            b"GETRANGE",
+            b"k",
+            b"9223372036854775807",
+            b"-9223372036854775808",
+        ],
+        vec![b"GETRANGE", b"k", b"007", b"10"],
+        vec![b"GETRANGE", b"k", b"-0", b"10"],
+        vec![b"GETRANGE", b"k", b"+1", b"10"],
+        vec![b"GETRANGE", b"k", b" 1", b"10"],
+        vec![b"GETRANGE", b"k", b"1", b"9223372036854775808"],
+        vec![b"SUBSTR", b"k", b"0", b"0"],
+        vec![b"GETBIT", b"k", b"0"],
+        vec![b"GETBIT", b"k", b"7"],
+        vec![b"GETBIT", b"k", b"8"],
+        vec![b"GETBIT", b"k", b"99999999"],
+        vec![b"GETBIT", b"k", b"4294967295"],
+        vec![b"GETBIT", b"k", b"4294967296"],
+        vec![b"GETBIT", b"k", b"007"],
         // Argument errors, and the wrong type.
         vec![b"GETRANGE", b"k", b"a", b"b"],
         vec![b"GETBIT", b"k", b"-1"],
@@ -1002,4 +1034,73 @@ fn lengths_of_compressed_values_need_no_write() {
     assert_eq!(send(&mut p, &[b"HSTRLEN", b"h", b"nope"]), b":0\r\n");
     assert_eq!(send(&mut p, &[b"STRLEN", b"missing"]), b":0\r\n");
     assert!(send(&mut p, &[b"STRLEN", b"h"]).starts_with(b"-WRONGTYPE"));
+}
+
+#[test]
+fn readers_of_compressed_values_work_on_a_read_only_replica() {
+    // A replica refuses the temporary copies other readers use; these are
+    // answered from the value itself.
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let writer = Proxy::start(&primary.url(), &["--set", "compression.min_bytes=16"]);
+    let reader = Proxy::start(&replica.url(), &["--set", "compression.min_bytes=16"]);
+    let value: Vec<u8> = (0..400)
+        .flat_map(|i| format!("{{\"n\":{}}},", i % 9).into_bytes())
+        .collect();
+    let mut w = writer.raw();
+    w.send(&cmd_bytes(&[b"SET", b"k", &value]));
+    assert_eq!(w.read_reply(), b"+OK\r\n");
+    w.send(&cmd_bytes(&[b"SET", b"plain", &value]));
+    w.read_reply();
+    let mut direct = Raw::connect(replica.port);
+    let t = std::time::Instant::now();
+    loop {
+        direct.send(&cmd_bytes(&[b"EXISTS", b"k"]));
+        if direct.read_reply() == b":1\r\n" {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "replica never synced"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    direct.send(&cmd_bytes(&[b"GET", b"k"]));
+    let stored = direct.read_reply();
+    assert!(stored.windows(4).any(|w| w == MAGIC), "stored compressed");
+    let mut r = reader.raw();
+    let len = value.len().to_string();
+    for (cmd, want) in [
+        (
+            vec![&b"STRLEN"[..], b"k"],
+            format!(":{len}\r\n").into_bytes(),
+        ),
+        (
+            vec![b"GETRANGE", b"k", b"2", b"9"],
+            [b"$8\r\n", &value[2..10], b"\r\n"].concat(),
+        ),
+        (
+            vec![b"SUBSTR", b"k", b"-3", b"-1"],
+            [b"$3\r\n", &value[value.len() - 3..], b"\r\n"].concat(),
+        ),
+        (vec![b"GETBIT", b"k", b"10"], b":1\r\n".to_vec()),
+        (vec![b"GETBIT", b"k", b"8"], b":0\r\n".to_vec()),
+    ] {
+        r.send(&cmd_bytes(&cmd));
+        assert_eq!(
+            String::from_utf8_lossy(&r.read_reply()),
+            String::from_utf8_lossy(&want),
+            "{:?}",
+            String::from_utf8_lossy(cmd[0])
+        );
+    }
+    // Readers that need a copy get the replica's own refusal, not a wrong answer.
+    r.send(&cmd_bytes(&[b"BITCOUNT", b"k"]));
+    let e = r.read_reply();
+    assert!(
+        e.starts_with(b"-READONLY"),
+        "{:?}",
+        String::from_utf8_lossy(&e)
+    );
 }
