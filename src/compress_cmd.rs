@@ -1009,6 +1009,13 @@ end
 return r
 "#;
 
+/// SHA1 of [`SCRIPT`] in hex, for EVALSHA: the script's ~3.5 KiB need not
+/// travel, and be hashed by Redis, with every command.
+pub static SCRIPT_SHA: LazyLock<Bytes> = LazyLock::new(|| {
+    use sha1::{Digest, Sha1};
+    Bytes::from(hex::encode(Sha1::digest(SCRIPT.as_bytes())))
+});
+
 const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
 
 /// Whether the reply [`SCRIPT`] gives for `cmd` must become a RESP3 map:

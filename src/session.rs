@@ -1145,12 +1145,7 @@ where
         let mut expect: Vec<cz::Expect> = Vec::new();
         for _ in 0..32 {
             let a = cz::script_args(targets, &expect, self.resp3, read, cmd);
-            let r = if side {
-                self.side_roundtrip(&a).await
-            } else {
-                let refs: Vec<&[u8]> = a.iter().map(|b| &b[..]).collect();
-                self.roundtrip(&refs).await
-            };
+            let r = self.run_script(a, side).await;
             let r = match r {
                 Ok(r) => r,
                 Err(e) => return resp::error_bytes(&e),
@@ -1214,7 +1209,7 @@ where
         let mut expect = Vec::new();
         let a = cz::script_args(targets, &[], false, true, &[]);
         let r = self
-            .side_roundtrip(&a)
+            .run_script(a, true)
             .await
             .map_err(|e| resp::error_bytes(&e))?;
         for (i, stored) in cz::script_report(&r).unwrap_or_default() {
@@ -1228,6 +1223,30 @@ where
             }
         }
         Ok(expect)
+    }
+
+    /// [`cz::SCRIPT`] with `args` (its EVAL form) as EVALSHA, or as EVAL
+    /// when Redis does not have it cached (yet, or after SCRIPT FLUSH).
+    /// `side`: on a shared connection (see `side_roundtrip`).
+    async fn run_script(&mut self, mut args: Vec<Bytes>, side: bool) -> Result<Bytes, String> {
+        let script = std::mem::replace(&mut args[1], cz::SCRIPT_SHA.clone());
+        args[0] = Bytes::from_static(b"EVALSHA");
+        let r = self.roundtrip_on(&args, side).await;
+        if !matches!(&r, Ok(reply) if reply.starts_with(b"-NOSCRIPT")) {
+            return r;
+        }
+        args[0] = Bytes::from_static(b"EVAL");
+        args[1] = script;
+        self.roundtrip_on(&args, side).await
+    }
+
+    async fn roundtrip_on(&mut self, args: &[Bytes], side: bool) -> Result<Bytes, String> {
+        if side {
+            self.side_roundtrip(args).await
+        } else {
+            let refs: Vec<&[u8]> = args.iter().map(|b| &b[..]).collect();
+            self.roundtrip(&refs).await
+        }
     }
 
     /// One command on a shared connection, even when this session is

@@ -1104,3 +1104,47 @@ fn readers_of_compressed_values_work_on_a_read_only_replica() {
         String::from_utf8_lossy(&e)
     );
 }
+
+#[test]
+fn byte_level_scripts_travel_as_evalsha_and_survive_script_flush() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=16"]);
+    let mut p = proxy.raw();
+    let value = "{\"a\":1},".repeat(50);
+    let mut expect = value.clone();
+    p.send(&cmd_bytes(&[b"SET", b"k", value.as_bytes()]));
+    assert_eq!(p.read_reply(), b"+OK\r\n");
+    let mut d = Raw::connect(redis.port);
+    for round in 0..3 {
+        if round == 2 {
+            // Redis forgets the script: respite sends it whole once more.
+            d.send(&cmd_bytes(&[b"SCRIPT", b"FLUSH"]));
+            assert_eq!(d.read_reply(), b"+OK\r\n");
+        }
+        p.send(&cmd_bytes(&[b"STRLEN", b"k"]));
+        assert_eq!(
+            p.read_reply(),
+            format!(":{}\r\n", expect.len()).into_bytes()
+        );
+        p.send(&cmd_bytes(&[b"APPEND", b"k", b"x"]));
+        expect.push('x');
+        assert_eq!(
+            p.read_reply(),
+            format!(":{}\r\n", expect.len()).into_bytes()
+        );
+        // APPEND left it plain: compress it again for the next round.
+        p.send(&cmd_bytes(&[b"SET", b"k", expect.as_bytes()]));
+        assert_eq!(p.read_reply(), b"+OK\r\n");
+    }
+    p.send(&cmd_bytes(&[b"GET", b"k"]));
+    assert_eq!(
+        p.read_reply(),
+        format!("${}\r\n{expect}\r\n", expect.len()).into_bytes()
+    );
+    let (sha, eval) = (redis.calls("evalsha"), redis.calls("eval"));
+    assert!(sha >= 6, "evalsha {sha}");
+    assert!(
+        eval <= 2,
+        "eval {eval}: the script body travelled more than needed"
+    );
+}
