@@ -736,9 +736,14 @@ fn transform(
 /// Arguments in range for the command's arity (otherwise Redis' own
 /// arity error is wanted, which a script would reword).
 pub fn arity_ok(id: usize, args: &[Bytes]) -> bool {
+    arity_ok_n(id, args.len())
+}
+
+/// [`arity_ok`] for `n` arguments (the command name included).
+pub fn arity_ok_n(id: usize, n: usize) -> bool {
     match command::spec(id) {
-        Some(s) if s.arity >= 0 => args.len() == s.arity as usize,
-        Some(s) => args.len() >= (-s.arity) as usize,
+        Some(s) if s.arity >= 0 => n == s.arity as usize,
+        Some(s) => n >= (-s.arity) as usize,
         None => false,
     }
 }
@@ -910,13 +915,38 @@ local function marked(i)
   end
   return nil
 end
+-- The payload of a raw frame (version 1, algorithm 0), else nil: it needs
+-- no LZ4, so a run queued in MULTI (ARGV[1] 'q') or with expectations
+-- takes a raw frame it did not expect as it is, e.g. one a byte-level
+-- writer queued earlier in the same transaction left. (A first run outside
+-- MULTI reports it: the proxy may answer from it without any write.)
+local function raw_value(v)
+  if string.sub(v, 5, 6) ~= '\1\0' then return nil end
+  local len, mul, p = 0, 1, 7
+  while true do
+    local b = string.byte(v, p)
+    if not b or p > 16 then return nil end
+    p = p + 1
+    if b < 128 then
+      len = len + b * mul
+      break
+    end
+    len = len + (b - 128) * mul
+    mul = mul * 128
+  end
+  if #v - p + 1 ~= len then return nil end
+  return string.sub(v, p)
+end
 local found = {}
 local plain = {}
 for i = 1, n do
   local v = marked(i)
   if v then
-    plain[i] = expected(i, v)
-    if not plain[i] then
+    local d = expected(i, v)
+    if not d and (m > 0 or ARGV[1] == 'q') then d = raw_value(v) end
+    if d then
+      plain[i] = d
+    else
       table.insert(found, i)
       table.insert(found, v)
     end
@@ -983,7 +1013,7 @@ end
 -- becomes a Lua nil, which cuts an array short (BITFIELD ... OVERFLOW FAIL),
 -- and a RESP3 map comes back in Lua's key order. RESP2's false is answered
 -- as the caller's own null; LCS IDX's map is rebuilt by the proxy
--- (lcs_map). ARGV[1] (the client's protocol) is not used for this.
+-- (lcs_map).
 local r = redis.pcall(unpack(ARGV, first))
 -- A value the command left beginning with the magic is stored in a raw
 -- frame, so that it reads back as it is.
@@ -1009,12 +1039,149 @@ end
 return r
 "#;
 
+/// A run of byte-level commands a client pipelined, in one script: each
+/// runs in order as [`SCRIPT`]'s first run would run it (the command when
+/// none of its targets is compressed, then the raw framing of a value a
+/// writer left beginning with the magic), until one finds a compressed
+/// target: that one and those after it do not run, so the proxy emulates
+/// it with [`SCRIPT`] and goes on after it, and every command still runs
+/// in the client's order. Everything is `pcall`ed: a script that stopped
+/// half-way on an error would leave the proxy unable to tell which
+/// commands ran.
+///
+/// KEYS: every command's targets in order. ARGV[1]: the number of
+/// commands; then per command: its number of targets, `r` or `w`, a type
+/// (`s`/`h`) and field per target, its number of arguments, the arguments.
+/// Returns `{commands run, reply, reply, …}`.
+pub const BATCH_SCRIPT: &str = r#"
+local function marked(key, kind, field)
+  local v
+  if kind == 'h' then
+    v = redis.pcall('HGET', key, field)
+  else
+    v = redis.pcall('GETRANGE', key, 0, 3)
+  end
+  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
+    if kind ~= 'h' then v = redis.pcall('GET', key) end
+    return v
+  end
+  return nil
+end
+local out = {0}
+local a, k = 2, 1
+for c = 1, tonumber(ARGV[1]) do
+  local t, rw = tonumber(ARGV[a]), ARGV[a + 1]
+  local tk, ta = k, a + 2
+  for i = 0, t - 1 do
+    if marked(KEYS[tk + i], ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]) then
+      return out
+    end
+  end
+  k = tk + t
+  a = ta + t * 2
+  local n = tonumber(ARGV[a])
+  local r = redis.pcall(unpack(ARGV, a + 1, a + n))
+  a = a + n + 1
+  if rw == 'w' then
+    for i = 0, t - 1 do
+      local kind, field = ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]
+      local v = marked(KEYS[tk + i], kind, field)
+      if type(v) == 'string' then
+        local len = #v
+        local h = {'\254RSP\1\0'}
+        repeat
+          local b = len % 128
+          len = (len - b) / 128
+          if len > 0 then b = b + 128 end
+          table.insert(h, string.char(b))
+        until len == 0
+        if kind == 'h' then
+          redis.pcall('HSET', KEYS[tk + i], field, table.concat(h) .. v)
+        else
+          redis.pcall('SET', KEYS[tk + i], table.concat(h) .. v, 'KEEPTTL')
+        end
+      end
+    end
+  end
+  out[1] = c
+  out[c + 1] = r
+end
+return out
+"#;
+
+/// SHA1 of [`BATCH_SCRIPT`] in hex.
+pub static BATCH_SHA: LazyLock<Bytes> = LazyLock::new(|| sha1_hex(BATCH_SCRIPT));
+
+/// One command of a [`BATCH_SCRIPT`] run.
+pub struct Batched {
+    pub targets: Vec<Target>,
+    pub read: bool,
+    pub args: Vec<Bytes>,
+}
+
+/// `EVAL BATCH_SCRIPT …` for `cmds`.
+pub fn batch_args(cmds: &[Batched]) -> Vec<Bytes> {
+    let keys: usize = cmds.iter().map(|c| c.targets.len()).sum();
+    let mut a =
+        Vec::with_capacity(4 + keys * 3 + cmds.iter().map(|c| c.args.len() + 3).sum::<usize>());
+    a.push(Bytes::from_static(b"EVAL"));
+    a.push(Bytes::from_static(BATCH_SCRIPT.as_bytes()));
+    a.push(Bytes::from(keys.to_string()));
+    for c in cmds {
+        a.extend(c.targets.iter().map(|t| t.key.clone()));
+    }
+    a.push(Bytes::from(cmds.len().to_string()));
+    for c in cmds {
+        a.push(Bytes::from(c.targets.len().to_string()));
+        a.push(Bytes::from_static(if c.read { b"r" } else { b"w" }));
+        for t in &c.targets {
+            a.push(Bytes::from_static(if t.field.is_some() {
+                b"h"
+            } else {
+                b"s"
+            }));
+            a.push(t.field.clone().unwrap_or_default());
+        }
+        a.push(Bytes::from(c.args.len().to_string()));
+        a.extend(c.args.iter().cloned());
+    }
+    a
+}
+
+/// The replies of the commands a [`BATCH_SCRIPT`] run ran, in order (fewer
+/// than it was given when it stopped at a compressed value); `None` when
+/// `reply` is not the script's answer (an error for the whole call: then
+/// none of them ran).
+pub fn split_batch(reply: &Bytes) -> Option<Vec<Bytes>> {
+    if !reply.starts_with(b"*") {
+        return None;
+    }
+    let eol = reply.windows(2).position(|w| w == b"\r\n")?;
+    let n = crate::resp::parse_int(&reply[1..eol])?;
+    let mut at = eol + 2;
+    let mut sc = crate::resp::FrameScanner::new();
+    let mut frames = Vec::new();
+    for _ in 0..n {
+        let end = at + sc.next_frame(&reply[at..]).ok()??;
+        sc.reset();
+        frames.push(reply.slice(at..end));
+        at = end;
+    }
+    let ran = frames.first().and_then(|f| {
+        let f = f.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+        usize::try_from(crate::resp::parse_int(f)?).ok()
+    })?;
+    (at == reply.len() && ran + 1 == frames.len()).then(|| frames.split_off(1))
+}
+
+fn sha1_hex(script: &str) -> Bytes {
+    use sha1::{Digest, Sha1};
+    Bytes::from(hex::encode(Sha1::digest(script.as_bytes())))
+}
+
 /// SHA1 of [`SCRIPT`] in hex, for EVALSHA: the script's ~3.5 KiB need not
 /// travel, and be hashed by Redis, with every command.
-pub static SCRIPT_SHA: LazyLock<Bytes> = LazyLock::new(|| {
-    use sha1::{Digest, Sha1};
-    Bytes::from(hex::encode(Sha1::digest(SCRIPT.as_bytes())))
-});
+pub static SCRIPT_SHA: LazyLock<Bytes> = LazyLock::new(|| sha1_hex(SCRIPT));
 
 const MARKER: &[u8] = b"\xFERSP-RESPITE-CAS";
 
@@ -1049,11 +1216,12 @@ pub fn array_as_map(frame: &[u8]) -> Bytes {
 }
 
 /// One attempt: the `EVAL` arguments. `read` selects mode `r` of
-/// [`SCRIPT`] (see [`read_only`]).
+/// [`SCRIPT`] (see [`read_only`]). `queued`: the script runs at EXEC,
+/// where it cannot report back and so takes raw frames as they are.
 pub fn script_args(
     targets: &[Target],
     expect: &[Expect],
-    resp3: bool,
+    queued: bool,
     read: bool,
     cmd: &[Bytes],
 ) -> Vec<Bytes> {
@@ -1064,7 +1232,7 @@ pub fn script_args(
     for t in targets {
         a.push(t.key.clone());
     }
-    a.push(Bytes::from_static(if resp3 { b"3" } else { b"2" }));
+    a.push(Bytes::from_static(if queued { b"q" } else { b"-" }));
     a.push(Bytes::from(targets.len().to_string()));
     a.push(Bytes::from_static(if read { b"r" } else { b"w" }));
     a.push(Bytes::from(expect.len().to_string()));

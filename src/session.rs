@@ -113,6 +113,10 @@ fn writes(id: usize) -> bool {
     id >= command::count() || command::may_write(id)
 }
 
+/// Byte-level commands per `BATCH_SCRIPT` run: Redis runs them in one
+/// script, blocking other clients meanwhile.
+const BYTES_BATCH: usize = 64;
+
 /// Input taken in eagerly (see `run`) stops at this much unprocessed data.
 const MAX_EAGER: usize = 1 << 20;
 
@@ -215,6 +219,17 @@ pub struct Session<W> {
     /// A SWAPDB is queued in this client's transaction: EXEC's reply
     /// flushes L1 (see `invalidate_writes`).
     swapdb_in_tx: bool,
+    /// Byte-level commands (with compression on) the client pipelined back
+    /// to back, not sent yet: they go in one script (`flush_bytes`).
+    bytes_run: Vec<(usize, Vec<Bytes>)>,
+    /// Queued replies that an L1 fill will answer. A fill reads on a
+    /// tracking connection, not this client's: a write the client pipelined
+    /// after the GET could reach Redis first and show up in the GET's
+    /// answer, so writes wait until these are in.
+    fills_waiting: usize,
+    /// How many of those, from the front of the queue, `wait_fills` has
+    /// seen answered.
+    fills_answered: usize,
 }
 
 enum Flow {
@@ -273,6 +288,9 @@ where
         writes_in_flight: 0,
         run_writes: false,
         swapdb_in_tx: false,
+        bytes_run: Vec::new(),
+        fills_waiting: 0,
+        fills_answered: 0,
     };
     // One long-lived future per signal: re-creating them on every read would
     // cost a registration each time.
@@ -504,6 +522,10 @@ where
                 let id = command::lookup(&view);
                 (id, Some(command::classify(&view, id)))
             };
+            let batch_bytes = self.bytes_batchable(id, class, &view);
+            if !batch_bytes && !self.bytes_run.is_empty() {
+                self.flush_bytes().await;
+            }
             // Auth gate (src/auth.rs): only when [[users]] are configured.
             if self.shared.auth.enabled()
                 && let Some((reply, delay)) = self.auth_gate(view.buf, p, id, class)
@@ -636,6 +658,19 @@ where
                     self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
                 }
             }
+            if self.fills_waiting > self.fills_answered && id.is_none_or(writes) {
+                self.wait_fills().await;
+            }
+            if batch_bytes {
+                self.flush_run(&chunk, &mut run).await;
+                let raw = chunk.slice(*start..*start + p.len);
+                let args = p.args.iter().map(|r| raw.slice(r.clone())).collect();
+                self.bytes_run.push((id.unwrap_or_default(), args));
+                if self.bytes_run.len() >= BYTES_BATCH {
+                    self.flush_bytes().await;
+                }
+                continue;
+            }
             if class == Some(Class::Pass)
                 && self.pinned.is_none()
                 && !self.is_local()
@@ -710,6 +745,7 @@ where
                 return Flow::Continue;
             }
         }
+        self.flush_bytes().await;
         self.flush_run(&chunk, &mut run).await;
         if let Some(e) = proto_err {
             self.shared.metrics.error("protocol");
@@ -783,6 +819,32 @@ where
 
     /// Waits for every queued reply and writes it: the barrier before a
     /// pin or tunnel, and the last step of a closing session.
+    /// Waits until every queued fill has its answer (see `fills_waiting`),
+    /// without writing anything to the client: one that stopped reading
+    /// must not hold this up.
+    async fn wait_fills(&mut self) {
+        let mut seen = 0;
+        for item in self.queue.iter_mut() {
+            if let Out::Up {
+                rx,
+                post: Post::Waited { .. },
+                ..
+            } = item
+            {
+                seen += 1;
+                if seen <= self.fills_answered {
+                    continue;
+                }
+                let r = (&mut *rx).await.unwrap_or(Err(UpError::Lost));
+                // Back in the slot as an answered receiver, for `emit`.
+                let (tx, answered) = oneshot::channel();
+                let _ = tx.send(r);
+                *rx = answered;
+            }
+        }
+        self.fills_answered = self.fills_waiting;
+    }
+
     async fn wait_drained(&mut self) {
         while let Some(item) = self.queue.pop_front() {
             self.emit(item, None).await;
@@ -860,6 +922,10 @@ where
             } => {
                 if writes {
                     self.writes_in_flight -= 1;
+                }
+                if matches!(post, Post::Waited { .. }) {
+                    self.fills_waiting -= 1;
+                    self.fills_answered = self.fills_answered.saturating_sub(1);
                 }
                 let res = match res {
                     Some(r) => r,
@@ -1103,7 +1169,7 @@ where
                     Ok(e) => e,
                     Err(reply) => {
                         // Queued as Redis would; its EXEC element is the error.
-                        let a = cz::script_args(&targets, &[], self.resp3, read, args);
+                        let a = cz::script_args(&targets, &[], true, read, args);
                         let mut b = BytesMut::new();
                         resp::encode_command(&a, &mut b);
                         self.tx_queue.queued.push(cz::Decode::Replace(reply));
@@ -1112,7 +1178,7 @@ where
                     }
                 };
                 cz::expect_queued(&self.tx_queue, &targets, &mut expect);
-                let a = cz::script_args(&targets, &expect, self.resp3, read, args);
+                let a = cz::script_args(&targets, &expect, true, read, args);
                 let mut b = BytesMut::new();
                 resp::encode_command(&a, &mut b);
                 let map = cz::lcs_map(args, self.resp3);
@@ -1131,6 +1197,100 @@ where
         false
     }
 
+    /// Whether a command joins `bytes_run`: a byte-level command that
+    /// would otherwise take `emulate` alone (compression on, not in MULTI,
+    /// Redis' arity), and no proxy users (whose gate answers in order).
+    fn bytes_batchable(
+        &self,
+        id: Option<usize>,
+        class: Option<Class>,
+        args: &command::RawArgs,
+    ) -> bool {
+        let Some(idx) = id else { return false };
+        match cz::kind(id) {
+            Kind::Bytes | Kind::HashBytes => {}
+            Kind::Incr | Kind::HIncr if self.shared.config().compression.min_bytes <= 20 => {}
+            _ => return false,
+        }
+        class == Some(Class::Pass)
+            && self.compressing(id)
+            && !self.tx_queue.multi
+            && !self.in_multi
+            && !self.shared.auth.enabled()
+            && cz::arity_ok_n(idx, args.ranges.len())
+    }
+
+    /// Runs `bytes_run` in order with [`cz::BATCH_SCRIPT`]: one round trip
+    /// for all of them while none meets a compressed value; the one that
+    /// does is emulated alone (`emulate`), and the script goes on with
+    /// those after it. Replies in order, as `emulate` would give them.
+    async fn flush_bytes(&mut self) {
+        if self.bytes_run.is_empty() {
+            return;
+        }
+        let run = std::mem::take(&mut self.bytes_run);
+        self.wait_drained().await;
+        let codec = cz::Policy::of(&self.shared.config().compression).codec;
+        let (ids, cmds): (Vec<usize>, Vec<cz::Batched>) = run
+            .into_iter()
+            .map(|(idx, args)| {
+                let kind = cz::kind(Some(idx));
+                let targets = cz::targets(kind, idx, &args);
+                let read = cz::read_only(idx, &args);
+                (
+                    idx,
+                    cz::Batched {
+                        targets,
+                        read,
+                        args,
+                    },
+                )
+            })
+            .unzip();
+        let mut at = 0;
+        while at < cmds.len() {
+            if cmds.len() - at > 1 {
+                let a = cz::batch_args(&cmds[at..]);
+                let r = self.run_script(a, &cz::BATCH_SHA, false).await;
+                let Some(replies) = r.as_ref().ok().and_then(cz::split_batch) else {
+                    // The call failed as a whole (none ran), or the
+                    // connection went with it: each command gets the error.
+                    let err = r.unwrap_or_else(|e| resp::error_bytes(&e));
+                    for &idx in &ids[at..] {
+                        self.shared.metrics.command(idx, true, None);
+                        self.reply(err.clone()).await;
+                    }
+                    return;
+                };
+                for reply in replies {
+                    let reply = if cz::lcs_map(&cmds[at].args, self.resp3) {
+                        cz::array_as_map(&reply)
+                    } else {
+                        reply
+                    };
+                    self.shared
+                        .metrics
+                        .command(ids[at], reply.first() == Some(&b'-'), None);
+                    self.reply(reply).await;
+                    at += 1;
+                }
+                if at == cmds.len() {
+                    return;
+                }
+            }
+            // Stopped at a compressed value (or one command left).
+            let c = &cmds[at];
+            let reply = self
+                .emulate(&c.targets, &codec, c.read, &c.args, false)
+                .await;
+            self.shared
+                .metrics
+                .command(ids[at], reply.first() == Some(&b'-'), None);
+            self.reply(reply).await;
+            at += 1;
+        }
+    }
+
     /// Runs a byte-level command through [`cz::SCRIPT`] until it ran on
     /// plain values: temporary decoded copies for a reader (`read`), the
     /// keys rewritten uncompressed for a writer.
@@ -1144,8 +1304,8 @@ where
     ) -> Bytes {
         let mut expect: Vec<cz::Expect> = Vec::new();
         for _ in 0..32 {
-            let a = cz::script_args(targets, &expect, self.resp3, read, cmd);
-            let r = self.run_script(a, side).await;
+            let a = cz::script_args(targets, &expect, false, read, cmd);
+            let r = self.run_script(a, &cz::SCRIPT_SHA, side).await;
             let r = match r {
                 Ok(r) => r,
                 Err(e) => return resp::error_bytes(&e),
@@ -1209,7 +1369,7 @@ where
         let mut expect = Vec::new();
         let a = cz::script_args(targets, &[], false, true, &[]);
         let r = self
-            .run_script(a, true)
+            .run_script(a, &cz::SCRIPT_SHA, true)
             .await
             .map_err(|e| resp::error_bytes(&e))?;
         for (i, stored) in cz::script_report(&r).unwrap_or_default() {
@@ -1228,8 +1388,13 @@ where
     /// [`cz::SCRIPT`] with `args` (its EVAL form) as EVALSHA, or as EVAL
     /// when Redis does not have it cached (yet, or after SCRIPT FLUSH).
     /// `side`: on a shared connection (see `side_roundtrip`).
-    async fn run_script(&mut self, mut args: Vec<Bytes>, side: bool) -> Result<Bytes, String> {
-        let script = std::mem::replace(&mut args[1], cz::SCRIPT_SHA.clone());
+    async fn run_script(
+        &mut self,
+        mut args: Vec<Bytes>,
+        sha: &Bytes,
+        side: bool,
+    ) -> Result<Bytes, String> {
+        let script = std::mem::replace(&mut args[1], sha.clone());
         args[0] = Bytes::from_static(b"EVALSHA");
         let r = self.roundtrip_on(&args, side).await;
         if !matches!(&r, Ok(reply) if reply.starts_with(b"-NOSCRIPT")) {
@@ -1334,6 +1499,7 @@ where
 
     /// `wait_fill` for command `id` (GET, or AI.GET with its outcome to count).
     async fn wait_fill_as(&mut self, rx: crate::cache::FillRx, id: usize, ai: Option<AiPost>) {
+        self.fills_waiting += 1;
         self.push(Out::Up {
             rx,
             count: 1,

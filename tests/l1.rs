@@ -372,6 +372,45 @@ fn inline_writes_are_read_back_at_once() {
     assert_eq!(r.read_reply(), b"$-1\r\n");
 }
 
+#[test]
+fn a_get_is_not_answered_with_a_write_pipelined_after_it() {
+    // A GET that misses L1 is answered by a fill on a tracking connection;
+    // the SET pipelined after it goes on the client's own connection and
+    // must not reach Redis first.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut r = proxy.raw();
+    let mut direct = Raw::connect(redis.port);
+    let n = 3000;
+    let mut load = Vec::new();
+    for i in 0..n {
+        load.extend(cmd_bytes(&[b"SET", format!("race{i}").as_bytes(), b"old"]));
+    }
+    direct.send(&load);
+    for _ in 0..n {
+        direct.read_reply();
+    }
+    for chunk in 0..n / 100 {
+        let mut batch = Vec::new();
+        for i in chunk * 100..(chunk + 1) * 100 {
+            let k = format!("race{i}");
+            batch.extend(cmd_bytes(&[b"GET", k.as_bytes()]));
+            batch.extend(cmd_bytes(&[b"SET", k.as_bytes(), b"new"]));
+        }
+        r.send(&batch);
+        for i in chunk * 100..(chunk + 1) * 100 {
+            assert_eq!(
+                String::from_utf8_lossy(&r.read_reply()),
+                "$3\r\nold\r\n",
+                "GET race{i} saw the SET after it"
+            );
+            assert_eq!(r.read_reply(), b"+OK\r\n");
+        }
+    }
+    r.send(&cmd_bytes(&[b"GET", b"race0"]));
+    assert_eq!(r.read_reply(), b"$3\r\nnew\r\n");
+}
+
 /// Sets `{prefix}0..{prefix}{n-1}` to 1000-byte values in one pipeline.
 fn set_thousand_byte_values(c: &mut redis::Connection, prefix: &str, n: usize) {
     let val = vec![b'x'; 1000];
