@@ -1095,11 +1095,14 @@ for c = 1, tonumber(ARGV[1]) do
           if len > 0 then b = b + 128 end
           table.insert(h, string.char(b))
         until len == 0
+        local e
         if kind == 'h' then
-          redis.pcall('HSET', KEYS[tk + i], field, table.concat(h) .. v)
+          e = redis.pcall('HSET', KEYS[tk + i], field, table.concat(h) .. v)
         else
-          redis.pcall('SET', KEYS[tk + i], table.concat(h) .. v, 'KEEPTTL')
+          e = redis.pcall('SET', KEYS[tk + i], table.concat(h) .. v, 'KEEPTTL')
         end
+        -- Refused: the command's answer is that error, as SCRIPT's is.
+        if type(e) == 'table' and e.err then r = e end
       end
     end
   end

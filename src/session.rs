@@ -116,6 +116,10 @@ fn writes(id: usize) -> bool {
 /// Byte-level commands per `BATCH_SCRIPT` run: Redis runs them in one
 /// script, blocking other clients meanwhile.
 const BYTES_BATCH: usize = 64;
+/// Arguments per `BATCH_SCRIPT` run, and per command in one: Lua's
+/// `unpack` stops near 8000 values, and a script that fails half-way
+/// could not say which commands ran. Bigger commands go alone.
+const BYTES_BATCH_ARGS: usize = 1024;
 
 /// Input taken in eagerly (see `run`) stops at this much unprocessed data.
 const MAX_EAGER: usize = 1 << 20;
@@ -222,11 +226,14 @@ pub struct Session<W> {
     /// Byte-level commands (with compression on) the client pipelined back
     /// to back, not sent yet: they go in one script (`flush_bytes`).
     bytes_run: Vec<(usize, Vec<Bytes>)>,
-    /// Queued replies that an L1 fill will answer. A fill reads on a
-    /// tracking connection, not this client's: a write the client pipelined
-    /// after the GET could reach Redis first and show up in the GET's
-    /// answer, so writes wait until these are in.
-    fills_waiting: usize,
+    /// Their arguments in all.
+    bytes_run_args: usize,
+    /// The keys of queued replies that an L1 fill will answer. A fill reads
+    /// on a tracking connection, not this client's: a write the client
+    /// pipelined after the GET could reach Redis first and show up in the
+    /// GET's answer, so a write to one of these keys (or to keys not known)
+    /// waits until the fills are in.
+    fill_keys: std::collections::VecDeque<Bytes>,
     /// How many of those, from the front of the queue, `wait_fills` has
     /// seen answered.
     fills_answered: usize,
@@ -289,7 +296,8 @@ where
         run_writes: false,
         swapdb_in_tx: false,
         bytes_run: Vec::new(),
-        fills_waiting: 0,
+        bytes_run_args: 0,
+        fill_keys: std::collections::VecDeque::new(),
         fills_answered: 0,
     };
     // One long-lived future per signal: re-creating them on every read would
@@ -601,8 +609,8 @@ where
                             // takes its slot first.
                             self.flush_run(&chunk, &mut run).await;
                             let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
-                            if self.start_fill(key, token) {
-                                self.wait_fill(rx).await;
+                            if self.start_fill(key.clone(), token) {
+                                self.wait_fill(rx, key).await;
                             } else {
                                 let raw = chunk.slice(*start..*start + p.len);
                                 let ids = vec![GET_ID.unwrap_or(0) as u16];
@@ -612,7 +620,8 @@ where
                         }
                         Lookup::Wait(rx) => {
                             self.flush_run(&chunk, &mut run).await;
-                            self.wait_fill(rx).await;
+                            let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
+                            self.wait_fill(rx, key).await;
                             continue;
                         }
                         Lookup::Bypass => {}
@@ -658,7 +667,10 @@ where
                     self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
                 }
             }
-            if self.fills_waiting > self.fills_answered && id.is_none_or(writes) {
+            if self.fill_keys.len() > self.fills_answered
+                && id.is_none_or(writes)
+                && self.may_touch_fills(id, &view)
+            {
                 self.wait_fills().await;
             }
             if batch_bytes {
@@ -666,7 +678,8 @@ where
                 let raw = chunk.slice(*start..*start + p.len);
                 let args = p.args.iter().map(|r| raw.slice(r.clone())).collect();
                 self.bytes_run.push((id.unwrap_or_default(), args));
-                if self.bytes_run.len() >= BYTES_BATCH {
+                self.bytes_run_args += p.args.len();
+                if self.bytes_run.len() >= BYTES_BATCH || self.bytes_run_args >= BYTES_BATCH_ARGS {
                     self.flush_bytes().await;
                 }
                 continue;
@@ -819,7 +832,30 @@ where
 
     /// Waits for every queued reply and writes it: the barrier before a
     /// pin or tunnel, and the last step of a closing session.
-    /// Waits until every queued fill has its answer (see `fills_waiting`),
+    /// Whether a write could change what a fill still in flight reads:
+    /// one naming its key, or one whose keys are not all known (no id,
+    /// no key positions: FLUSHDB, EXEC…; scripts may touch undeclared keys).
+    fn may_touch_fills(&self, id: Option<usize>, args: &command::RawArgs) -> bool {
+        let Some(i) = id else { return true };
+        if matches!(
+            command::name(i),
+            "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "FCALL" | "FCALL_RO"
+        ) {
+            return true;
+        }
+        let keys = command::key_positions(args, id);
+        keys.is_empty()
+            || keys.iter().any(|&p| {
+                args.arg(p).is_some_and(|k| {
+                    self.fill_keys
+                        .iter()
+                        .skip(self.fills_answered)
+                        .any(|f| f[..] == *k)
+                })
+            })
+    }
+
+    /// Waits until every queued fill has its answer (see `fill_keys`),
     /// without writing anything to the client: one that stopped reading
     /// must not hold this up.
     async fn wait_fills(&mut self) {
@@ -842,7 +878,7 @@ where
                 *rx = answered;
             }
         }
-        self.fills_answered = self.fills_waiting;
+        self.fills_answered = self.fill_keys.len();
     }
 
     async fn wait_drained(&mut self) {
@@ -924,7 +960,7 @@ where
                     self.writes_in_flight -= 1;
                 }
                 if matches!(post, Post::Waited { .. }) {
-                    self.fills_waiting -= 1;
+                    self.fill_keys.pop_front();
                     self.fills_answered = self.fills_answered.saturating_sub(1);
                 }
                 let res = match res {
@@ -1218,6 +1254,7 @@ where
             && !self.in_multi
             && !self.shared.auth.enabled()
             && cz::arity_ok_n(idx, args.ranges.len())
+            && args.ranges.len() <= BYTES_BATCH_ARGS
     }
 
     /// Runs `bytes_run` in order with [`cz::BATCH_SCRIPT`]: one round trip
@@ -1229,6 +1266,7 @@ where
             return;
         }
         let run = std::mem::take(&mut self.bytes_run);
+        self.bytes_run_args = 0;
         self.wait_drained().await;
         let codec = cz::Policy::of(&self.shared.config().compression).codec;
         let (ids, cmds): (Vec<usize>, Vec<cz::Batched>) = run
@@ -1493,13 +1531,19 @@ where
     }
 
     /// Queues the reply slot of a GET answered by a fill.
-    async fn wait_fill(&mut self, rx: crate::cache::FillRx) {
-        self.wait_fill_as(rx, GET_ID.unwrap_or(0), None).await
+    async fn wait_fill(&mut self, rx: crate::cache::FillRx, key: Bytes) {
+        self.wait_fill_as(rx, GET_ID.unwrap_or(0), None, key).await
     }
 
     /// `wait_fill` for command `id` (GET, or AI.GET with its outcome to count).
-    async fn wait_fill_as(&mut self, rx: crate::cache::FillRx, id: usize, ai: Option<AiPost>) {
-        self.fills_waiting += 1;
+    async fn wait_fill_as(
+        &mut self,
+        rx: crate::cache::FillRx,
+        id: usize,
+        ai: Option<AiPost>,
+        key: Bytes,
+    ) {
+        self.fill_keys.push_back(key);
         self.push(Out::Up {
             rx,
             count: 1,
@@ -1542,14 +1586,14 @@ where
                 true
             }
             Lookup::Fill(token, rx) => {
-                if !self.start_fill(key, token) {
+                if !self.start_fill(key.clone(), token) {
                     return false;
                 }
-                self.wait_fill_as(rx, idx, Some(post.clone())).await;
+                self.wait_fill_as(rx, idx, Some(post.clone()), key).await;
                 true
             }
             Lookup::Wait(rx) => {
-                self.wait_fill_as(rx, idx, Some(post.clone())).await;
+                self.wait_fill_as(rx, idx, Some(post.clone()), key).await;
                 true
             }
             Lookup::Copied(_) | Lookup::Bypass => false,

@@ -1205,3 +1205,129 @@ fn byte_level_scripts_travel_as_evalsha_and_survive_script_flush() {
         "eval {eval}: the script body travelled more than needed"
     );
 }
+
+#[test]
+fn pipelined_byte_level_runs_match_redis() {
+    // Runs of byte-level commands share one script: RESP3 replies, a
+    // command too big for a run, a script cache flushed between runs, and
+    // compressed keys in the middle of a run all answer as Redis does.
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let proxy = Proxy::start(&behind.url(), &["--set", "compression.min_bytes=16"]);
+    let json = "{\"a\":1,\"b\":[1,2,3]},".repeat(20);
+    let big_bitfield: Vec<Vec<u8>> = std::iter::once(b"BITFIELD".to_vec())
+        .chain(std::iter::once(b"bf".to_vec()))
+        .chain((0..600).flat_map(|i| {
+            [
+                b"GET".to_vec(),
+                b"u8".to_vec(),
+                (i * 8).to_string().into_bytes(),
+            ]
+        }))
+        .collect();
+    let pipelines: Vec<Vec<Vec<Vec<u8>>>> = vec![
+        // Plain keys only.
+        vec![
+            vec![
+                b"SETBIT".to_vec(),
+                b"bm".to_vec(),
+                b"7".to_vec(),
+                b"1".to_vec(),
+            ],
+            vec![b"GETBIT".to_vec(), b"bm".to_vec(), b"7".to_vec()],
+            vec![b"APPEND".to_vec(), b"ap".to_vec(), b"xy".to_vec()],
+            vec![b"STRLEN".to_vec(), b"ap".to_vec()],
+            vec![b"BITCOUNT".to_vec(), b"bm".to_vec()],
+            vec![b"INCRBYFLOAT".to_vec(), b"fl".to_vec(), b"1.5".to_vec()],
+            vec![b"INCRBYFLOAT".to_vec(), b"ap".to_vec(), b"1".to_vec()],
+            vec![
+                b"BITFIELD".to_vec(),
+                b"bm".to_vec(),
+                b"OVERFLOW".to_vec(),
+                b"FAIL".to_vec(),
+                b"INCRBY".to_vec(),
+                b"u2".to_vec(),
+                b"0".to_vec(),
+                b"7".to_vec(),
+                b"GET".to_vec(),
+                b"u8".to_vec(),
+                b"0".to_vec(),
+            ],
+            vec![b"SET".to_vec(), b"j".to_vec(), json.clone().into_bytes()],
+            vec![
+                b"SET".to_vec(),
+                b"j2".to_vec(),
+                json.replace('1', "2").into_bytes(),
+            ],
+        ],
+        // A compressed key in the middle of runs, before and after plain ones.
+        vec![
+            vec![b"APPEND".to_vec(), b"ap".to_vec(), b"z".to_vec()],
+            vec![b"STRLEN".to_vec(), b"j".to_vec()],
+            vec![
+                b"GETRANGE".to_vec(),
+                b"j".to_vec(),
+                b"3".to_vec(),
+                b"20".to_vec(),
+            ],
+            vec![b"APPEND".to_vec(), b"j".to_vec(), b"tail".to_vec()],
+            vec![b"STRLEN".to_vec(), b"j".to_vec()],
+            vec![
+                b"LCS".to_vec(),
+                b"j".to_vec(),
+                b"j2".to_vec(),
+                b"IDX".to_vec(),
+                b"MINMATCHLEN".to_vec(),
+                b"30".to_vec(),
+            ],
+            vec![
+                b"SETBIT".to_vec(),
+                b"bm".to_vec(),
+                b"100".to_vec(),
+                b"1".to_vec(),
+            ],
+            vec![b"GETBIT".to_vec(), b"j2".to_vec(), b"9".to_vec()],
+        ],
+        // Too big for a run: goes alone, between runs.
+        vec![
+            vec![b"APPEND".to_vec(), b"ap".to_vec(), b"w".to_vec()],
+            big_bitfield,
+            vec![b"STRLEN".to_vec(), b"ap".to_vec()],
+            vec![b"GET".to_vec(), b"ap".to_vec()],
+        ],
+    ];
+    for resp3 in [false, true] {
+        let mut d = Raw::connect(direct.port);
+        let mut p = proxy.raw();
+        if resp3 {
+            for r in [&mut d, &mut p] {
+                r.send(&cmd_bytes(&[b"HELLO", b"3"]));
+                r.read_reply();
+            }
+        }
+        for (n, pipeline) in pipelines.iter().enumerate() {
+            if n == 2 {
+                // The proxy's scripts are gone: EVALSHA fails, EVAL follows.
+                let mut b = Raw::connect(behind.port);
+                b.send(&cmd_bytes(&[b"SCRIPT", b"FLUSH"]));
+                assert_eq!(b.read_reply(), b"+OK\r\n");
+            }
+            let mut req = Vec::new();
+            for c in pipeline {
+                let refs: Vec<&[u8]> = c.iter().map(|a| a.as_slice()).collect();
+                req.extend(cmd_bytes(&refs));
+            }
+            d.send(&req);
+            p.send(&req);
+            for c in pipeline {
+                let (want, got) = (d.read_reply(), p.read_reply());
+                assert_eq!(
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want),
+                    "resp3={resp3} {:?}",
+                    String::from_utf8_lossy(&c[0])
+                );
+            }
+        }
+    }
+}

@@ -321,6 +321,15 @@ impl Drop for Proxy {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            // The proxy's side of a failed test.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- respite log tail (port {}) ---", self.port);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }
