@@ -11,7 +11,22 @@ use std::time::{Duration, Instant};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A port nothing listens on, from 20000-31999: below Linux's ephemeral
+/// range (32768+), so that between this check and the server's bind no
+/// outgoing connection takes it as its local port, and a client can never
+/// connect to itself on it. Handed out in a per-process sequence, so
+/// parallel tests of one binary do not get the same port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % 12000;
+    for _ in 0..12000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + (start.wrapping_add(n.wrapping_mul(7)) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
