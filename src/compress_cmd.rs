@@ -59,8 +59,13 @@
 //!   (it is only queued): the proxy reads the frames its keys hold when it
 //!   is queued (on a shared connection) and queues the script with those,
 //!   and the frames that writes queued before it in the transaction store
-//!   ([`Tx::written`]), as expectations. A key that holds none of them at
-//!   EXEC makes that element an error.
+//!   ([`Tx::written`]), as expectations. A raw frame it did not expect is
+//!   read as it is (no LZ4 needed); a key that holds an LZ4 frame none of
+//!   them names at EXEC makes that element an error.
+//! * **Pipelined back to back** outside MULTI, byte-level commands share
+//!   the first run: [`BATCH_SCRIPT`] runs them in order until one meets a
+//!   frame, which then takes the path above alone before the run goes on.
+//!   Both scripts travel as EVALSHA ([`SCRIPT_SHA`], [`BATCH_SHA`]).
 //!
 //! Scripts (EVAL/FCALL), DUMP/RESTORE, OBJECT, MEMORY USAGE, SORT … BY/GET
 //! and the like see the stored bytes (docs/compression-format.md).
