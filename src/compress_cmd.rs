@@ -1054,7 +1054,7 @@ return r
 /// half-way on an error would leave the proxy unable to tell which
 /// commands ran.
 ///
-/// KEYS: every command's targets in order. ARGV[1]: the number of
+/// `KEYS`: every command's targets in order. `ARGV[1]`: the number of
 /// commands; then per command: its number of targets, `r` or `w`, a type
 /// (`s`/`h`) and field per target, its number of arguments, the arguments.
 /// Returns `{commands run, reply, reply, …}`.

@@ -9,7 +9,7 @@
 //! request cannot simply be answered locally: its reply has to take its
 //! place among Redis' replies and pushes. So it is replaced upstream by a
 //! command named by an unguessable marker, and the downward direction swaps
-//! Redis' "unknown command '<marker>'" error for the refusal. Redis' own
+//! Redis' `unknown command '<marker>'` error for the refusal. Redis' own
 //! ordering does the rest, in every context: RESP2 pub/sub mode checks the
 //! command name first, and inside MULTI an unknown command dooms the
 //! transaction (EXECABORT), as an ACL refusal does in Redis. Without proxy
