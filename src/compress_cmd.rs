@@ -875,11 +875,33 @@ pub fn read_only(id: usize, args: &[Bytes]) -> bool {
     }
 }
 
+/// Lua both scripts share: the raw frame (format version 1, algorithm 0,
+/// LEB128 length) of value `v`, for a value a writer left beginning with
+/// the magic.
+macro_rules! lua_raw_frame {
+    () => {
+        r#"
+local function raw_frame(v)
+  local len = #v
+  local h = {'\254RSP\1\0'}
+  repeat
+    local b = len % 128
+    len = (len - b) / 128
+    if len > 0 then b = b + 128 end
+    table.insert(h, string.char(b))
+  until len == 0
+  return table.concat(h) .. v
+end
+"#
+    };
+}
+
 /// Checks the keys (hash fields) a byte-level command reads and runs the
 /// command on plain values, all in one atomic step; reports frames it did
 /// not expect, for the proxy to decode and send back as expectations.
 ///
-/// ARGV: RESP version, number of targets, mode, number of expectations;
+/// ARGV: `q` when queued in MULTI (else `-`), number of targets, mode,
+/// number of expectations;
 /// three slots per target (`s`/`h`, hash field, the target's positions in
 /// the command); three per expectation (target number, frame, decoded
 /// value; a target may have several); then the command (none: only
@@ -894,7 +916,9 @@ pub fn read_only(id: usize, args: &[Bytes]) -> bool {
 /// The copies are not replicated or written to the AOF: their net effect is
 /// nothing. Mode `w` (writers): each expected frame is rewritten plain in
 /// place (TTL kept) and the command runs on it, which is a write anyway.
-pub const SCRIPT: &str = r#"
+pub const SCRIPT: &str = concat!(
+    lua_raw_frame!(),
+    r#"
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[4])
 local function slot(i) return 5 + (i - 1) * 3 end
 -- The decoded value of frame v when it is expected in target i.
@@ -1026,23 +1050,16 @@ for i = 1, n do
   local o = slot(i)
   local v = marked(i)
   if v then
-    local len = #v
-    local h = {'\254RSP\1\0'}
-    repeat
-      local b = len % 128
-      len = (len - b) / 128
-      if len > 0 then b = b + 128 end
-      table.insert(h, string.char(b))
-    until len == 0
     if ARGV[o] == 'h' then
-      redis.call('HSET', KEYS[i], ARGV[o + 1], table.concat(h) .. v)
+      redis.call('HSET', KEYS[i], ARGV[o + 1], raw_frame(v))
     else
-      redis.call('SET', KEYS[i], table.concat(h) .. v, 'KEEPTTL')
+      redis.call('SET', KEYS[i], raw_frame(v), 'KEEPTTL')
     end
   end
 end
 return r
-"#;
+"#
+);
 
 /// A run of byte-level commands a client pipelined, in one script: each
 /// runs in order as [`SCRIPT`]'s first run would run it (the command when
@@ -1058,7 +1075,9 @@ return r
 /// commands; then per command: its number of targets, `r` or `w`, a type
 /// (`s`/`h`) and field per target, its number of arguments, the arguments.
 /// Returns `{commands run, reply, reply, …}`.
-pub const BATCH_SCRIPT: &str = r#"
+pub const BATCH_SCRIPT: &str = concat!(
+    lua_raw_frame!(),
+    r#"
 local function marked(key, kind, field)
   local v
   if kind == 'h' then
@@ -1092,19 +1111,11 @@ for c = 1, tonumber(ARGV[1]) do
       local kind, field = ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]
       local v = marked(KEYS[tk + i], kind, field)
       if type(v) == 'string' then
-        local len = #v
-        local h = {'\254RSP\1\0'}
-        repeat
-          local b = len % 128
-          len = (len - b) / 128
-          if len > 0 then b = b + 128 end
-          table.insert(h, string.char(b))
-        until len == 0
         local e
         if kind == 'h' then
-          e = redis.pcall('HSET', KEYS[tk + i], field, table.concat(h) .. v)
+          e = redis.pcall('HSET', KEYS[tk + i], field, raw_frame(v))
         else
-          e = redis.pcall('SET', KEYS[tk + i], table.concat(h) .. v, 'KEEPTTL')
+          e = redis.pcall('SET', KEYS[tk + i], raw_frame(v), 'KEEPTTL')
         end
         -- Refused: the command's answer is that error, as SCRIPT's is.
         if type(e) == 'table' and e.err then r = e end
@@ -1115,7 +1126,8 @@ for c = 1, tonumber(ARGV[1]) do
   out[c + 1] = r
 end
 return out
-"#;
+"#
+);
 
 /// SHA1 of [`BATCH_SCRIPT`] in hex.
 pub static BATCH_SHA: LazyLock<Bytes> = LazyLock::new(|| sha1_hex(BATCH_SCRIPT));
