@@ -450,8 +450,18 @@ pub fn batchable<A: command::Args + ?Sized>(k: Kind, args: &A, min_bytes: usize)
         Kind::Write(Write::GetSet) => plain(&mut (2..3)).then_some(Decode::Bulk),
         Kind::Write(Write::Mset) => plain(&mut (2..n).step_by(2)).then_some(Decode::None),
         Kind::Write(Write::Hset) => plain(&mut (3..n).step_by(2)).then_some(Decode::None),
-        Kind::Incr | Kind::HIncr if min_bytes > 20 => Some(Decode::None),
+        Kind::Incr | Kind::HIncr if effective(k, min_bytes) == Kind::None => Some(Decode::None),
         _ => None,
+    }
+}
+
+/// `k` as the compression path treats it: the integer increments need no
+/// help when `min_bytes` > 20 (see the module doc) and are then
+/// [`Kind::None`].
+pub fn effective(k: Kind, min_bytes: usize) -> Kind {
+    match k {
+        Kind::Incr | Kind::HIncr if min_bytes > 20 => Kind::None,
+        k => k,
     }
 }
 
@@ -875,12 +885,27 @@ pub fn read_only(id: usize, args: &[Bytes]) -> bool {
     }
 }
 
-/// Lua both scripts share: the raw frame (format version 1, algorithm 0,
-/// LEB128 length) of value `v`, for a value a writer left beginning with
-/// the magic.
-macro_rules! lua_raw_frame {
+/// Lua both scripts share. `probe`: the whole value of a key (hash field
+/// when `kind` is `h`) when it starts with the magic, else nil (a string is
+/// probed by its first 4 bytes before it is read whole). `raw_frame`: the
+/// raw frame (format version 1, algorithm 0, LEB128 length) of value `v`,
+/// for a value a writer left beginning with the magic.
+macro_rules! lua_shared {
     () => {
         r#"
+local function probe(key, kind, field)
+  local v
+  if kind == 'h' then
+    v = redis.pcall('HGET', key, field)
+  else
+    v = redis.pcall('GETRANGE', key, 0, 3)
+  end
+  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
+    if kind ~= 'h' then v = redis.pcall('GET', key) end
+    return v
+  end
+  return nil
+end
 local function raw_frame(v)
   local len = #v
   local h = {'\254RSP\1\0'}
@@ -917,7 +942,7 @@ end
 /// nothing. Mode `w` (writers): each expected frame is rewritten plain in
 /// place (TTL kept) and the command runs on it, which is a write anyway.
 pub const SCRIPT: &str = concat!(
-    lua_raw_frame!(),
+    lua_shared!(),
     r#"
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[4])
 local function slot(i) return 5 + (i - 1) * 3 end
@@ -928,21 +953,10 @@ local function expected(i, v)
   end
   return nil
 end
--- The whole value of target i when it starts with the magic, else nil (a
--- string is probed by its first 4 bytes before it is read whole).
+-- probe() of target i.
 local function marked(i)
   local o = slot(i)
-  local v
-  if ARGV[o] == 'h' then
-    v = redis.pcall('HGET', KEYS[i], ARGV[o + 1])
-  else
-    v = redis.pcall('GETRANGE', KEYS[i], 0, 3)
-  end
-  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
-    if ARGV[o] ~= 'h' then v = redis.call('GET', KEYS[i]) end
-    return v
-  end
-  return nil
+  return probe(KEYS[i], ARGV[o], ARGV[o + 1])
 end
 -- The payload of a raw frame (version 1, algorithm 0), else nil: it needs
 -- no LZ4, so a run queued in MULTI (ARGV[1] 'q') or with expectations
@@ -1076,28 +1090,15 @@ return r
 /// (`s`/`h`) and field per target, its number of arguments, the arguments.
 /// Returns `{commands run, reply, reply, …}`.
 pub const BATCH_SCRIPT: &str = concat!(
-    lua_raw_frame!(),
+    lua_shared!(),
     r#"
-local function marked(key, kind, field)
-  local v
-  if kind == 'h' then
-    v = redis.pcall('HGET', key, field)
-  else
-    v = redis.pcall('GETRANGE', key, 0, 3)
-  end
-  if type(v) == 'string' and string.sub(v, 1, 4) == '\254RSP' then
-    if kind ~= 'h' then v = redis.pcall('GET', key) end
-    return v
-  end
-  return nil
-end
 local out = {0}
 local a, k = 2, 1
 for c = 1, tonumber(ARGV[1]) do
   local t, rw = tonumber(ARGV[a]), ARGV[a + 1]
   local tk, ta = k, a + 2
   for i = 0, t - 1 do
-    if marked(KEYS[tk + i], ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]) then
+    if probe(KEYS[tk + i], ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]) then
       return out
     end
   end
@@ -1109,7 +1110,7 @@ for c = 1, tonumber(ARGV[1]) do
   if rw == 'w' then
     for i = 0, t - 1 do
       local kind, field = ARGV[ta + i * 2], ARGV[ta + i * 2 + 1]
-      local v = marked(KEYS[tk + i], kind, field)
+      local v = probe(KEYS[tk + i], kind, field)
       if type(v) == 'string' then
         local e
         if kind == 'h' then
@@ -1176,22 +1177,18 @@ pub fn split_batch(reply: &Bytes) -> Option<Vec<Bytes>> {
     if !reply.starts_with(b"*") {
         return None;
     }
-    let eol = reply.windows(2).position(|w| w == b"\r\n")?;
-    let n = crate::resp::parse_int(&reply[1..eol])?;
-    let mut at = eol + 2;
-    let mut sc = crate::resp::FrameScanner::new();
-    let mut frames = Vec::new();
-    for _ in 0..n {
-        let end = at + sc.next_frame(&reply[at..]).ok()??;
-        sc.reset();
-        frames.push(reply.slice(at..end));
-        at = end;
+    let (n, p) = header_len(reply, 0).ok()?;
+    if reply.get(p) != Some(&b':') {
+        return None;
     }
-    let ran = frames.first().and_then(|f| {
-        let f = f.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
-        usize::try_from(crate::resp::parse_int(f)?).ok()
-    })?;
-    (at == reply.len() && ran + 1 == frames.len()).then(|| frames.split_off(1))
+    let (ran, mut p) = header_len(reply, p).ok()?;
+    let mut frames = Vec::new();
+    for _ in 1..n {
+        let end = skip(reply, p).ok()?;
+        frames.push(reply.slice(p..end));
+        p = end;
+    }
+    (p == reply.len() && usize::try_from(ran).ok()? == frames.len()).then_some(frames)
 }
 
 fn sha1_hex(script: &str) -> Bytes {
@@ -1330,6 +1327,26 @@ mod tests {
         ] {
             assert_eq!(redis_ll(s), want, "{:?}", String::from_utf8_lossy(s));
         }
+    }
+
+    #[test]
+    fn batch_replies_split_into_the_commands_that_ran() {
+        let split = |r: &'static [u8]| split_batch(&Bytes::from_static(r));
+        assert_eq!(
+            split(b"*3\r\n:2\r\n$1\r\nx\r\n*2\r\n:1\r\n-ERR e\r\n"),
+            Some(vec![
+                Bytes::from_static(b"$1\r\nx\r\n"),
+                Bytes::from_static(b"*2\r\n:1\r\n-ERR e\r\n")
+            ])
+        );
+        assert_eq!(split(b"*1\r\n:0\r\n"), Some(vec![]), "stopped at the first");
+        // Not the script's answer: an error, a count that does not match,
+        // trailing or missing bytes.
+        assert_eq!(split(b"-BUSY running\r\n"), None);
+        assert_eq!(split(b"*2\r\n:2\r\n+OK\r\n"), None);
+        assert_eq!(split(b"*2\r\n:1\r\n+OK\r\n+OK\r\n"), None);
+        assert_eq!(split(b"*2\r\n:1\r\n$5\r\nab\r\n"), None);
+        assert_eq!(split(b"*0\r\n"), None);
     }
 
     #[test]

@@ -1120,10 +1120,10 @@ where
         let policy = cz::Policy::of(&cfg.compression);
         let enabled = self.shared.rt.compression.load(Ordering::Relaxed);
         let multi = self.tx_queue.multi;
-        let kind = if enabled { kind } else { Kind::None };
-        let kind = match kind {
-            Kind::Incr | Kind::HIncr if policy.codec.min_bytes > 20 => Kind::None,
-            k => k,
+        let kind = if enabled {
+            cz::effective(kind, policy.codec.min_bytes)
+        } else {
+            Kind::None
         };
         let ids = vec![idx as u16];
         match kind {
@@ -1192,10 +1192,7 @@ where
                     let reply = self
                         .emulate(&targets, &policy.codec, read, args, false)
                         .await;
-                    self.shared
-                        .metrics
-                        .command(idx, reply.first() == Some(&b'-'), None);
-                    self.reply(reply).await;
+                    self.answer(idx, reply).await;
                     return true;
                 }
                 // Queued: read the frames now (on a shared connection), and
@@ -1243,10 +1240,13 @@ where
         args: &command::RawArgs,
     ) -> bool {
         let Some(idx) = id else { return false };
-        match cz::kind(id) {
-            Kind::Bytes | Kind::HashBytes => {}
-            Kind::Incr | Kind::HIncr if self.shared.config().compression.min_bytes <= 20 => {}
-            _ => return false,
+        let kind = cz::kind(id);
+        if !matches!(
+            kind,
+            Kind::Bytes | Kind::HashBytes | Kind::Incr | Kind::HIncr
+        ) || cz::effective(kind, self.shared.config().compression.min_bytes) == Kind::None
+        {
+            return false;
         }
         class == Some(Class::Pass)
             && self.compressing(id)
@@ -1255,6 +1255,15 @@ where
             && !self.shared.auth.enabled()
             && cz::arity_ok_n(idx, args.ranges.len())
             && args.ranges.len() <= BYTES_BATCH_ARGS
+    }
+
+    /// The reply to command `idx`, counted in the metrics (as an error
+    /// when it is one).
+    async fn answer(&mut self, idx: usize, reply: Bytes) {
+        self.shared
+            .metrics
+            .command(idx, reply.first() == Some(&b'-'), None);
+        self.reply(reply).await;
     }
 
     /// Runs `bytes_run` in order with [`cz::BATCH_SCRIPT`]: one round trip
@@ -1268,7 +1277,7 @@ where
         let run = std::mem::take(&mut self.bytes_run);
         self.bytes_run_args = 0;
         self.wait_drained().await;
-        let codec = cz::Policy::of(&self.shared.config().compression).codec;
+        let codec = self.shared.config().compression.codec();
         let (ids, cmds): (Vec<usize>, Vec<cz::Batched>) = run
             .into_iter()
             .map(|(idx, args)| {
@@ -1295,8 +1304,7 @@ where
                     // connection went with it: each command gets the error.
                     let err = r.unwrap_or_else(|e| resp::error_bytes(&e));
                     for &idx in &ids[at..] {
-                        self.shared.metrics.command(idx, true, None);
-                        self.reply(err.clone()).await;
+                        self.answer(idx, err.clone()).await;
                     }
                     return;
                 };
@@ -1306,10 +1314,7 @@ where
                     } else {
                         reply
                     };
-                    self.shared
-                        .metrics
-                        .command(ids[at], reply.first() == Some(&b'-'), None);
-                    self.reply(reply).await;
+                    self.answer(ids[at], reply).await;
                     at += 1;
                 }
                 if at == cmds.len() {
@@ -1321,10 +1326,7 @@ where
             let reply = self
                 .emulate(&c.targets, &codec, c.read, &c.args, false)
                 .await;
-            self.shared
-                .metrics
-                .command(ids[at], reply.first() == Some(&b'-'), None);
-            self.reply(reply).await;
+            self.answer(ids[at], reply).await;
             at += 1;
         }
     }
@@ -1673,10 +1675,7 @@ where
                     ),
                 );
             }
-            self.shared
-                .metrics
-                .command(idx, out.first() == Some(&b'-'), None);
-            self.reply(out.freeze()).await;
+            self.answer(idx, out.freeze()).await;
             return Flow::Continue;
         }
         // Commands the proxy answers itself never reach a MULTI queue.
@@ -1901,10 +1900,7 @@ where
                 return Flow::Continue;
             }
         }
-        self.shared
-            .metrics
-            .command(idx, out.first() == Some(&b'-'), None);
-        self.reply(out.freeze()).await;
+        self.answer(idx, out.freeze()).await;
         Flow::Continue
     }
 
@@ -1918,10 +1914,7 @@ where
             if let Post::Ai(p) = &post {
                 p.record(&out, &self.shared.metrics.ai);
             }
-            self.shared
-                .metrics
-                .command(idx, out.first() == Some(&b'-'), None);
-            self.reply(out.freeze()).await;
+            self.answer(idx, out.freeze()).await;
             return;
         }
         if self.tx_queue.multi {
@@ -2050,10 +2043,7 @@ where
                 }
             }
         }
-        self.shared
-            .metrics
-            .command(idx, out.first() == Some(&b'-'), None);
-        self.reply(out.freeze()).await;
+        self.answer(idx, out.freeze()).await;
     }
 
     /// Removes every key of one operation (or all AI keys) with SCAN and
