@@ -280,9 +280,7 @@ impl Codec {
                 let len = self.checked_len(declared, block)?;
                 let at = out.len();
                 out.reserve(len + 24);
-                out.put_u8(b'$');
-                out.put_slice(len.to_string().as_bytes());
-                out.put_slice(b"\r\n");
+                crate::resp::bulk_header(out, len);
                 let start = out.len();
                 out.resize(start + len, 0);
                 match lz4_flex::block::decompress_into(block, &mut out[start..]) {
@@ -301,11 +299,7 @@ impl Codec {
             }
         };
         out.reserve(value.len() + 24);
-        out.put_u8(b'$');
-        out.put_slice(value.len().to_string().as_bytes());
-        out.put_slice(b"\r\n");
-        out.put_slice(value);
-        out.put_slice(b"\r\n");
+        crate::resp::bulk(out, value);
         Ok(())
     }
 

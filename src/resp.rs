@@ -513,10 +513,15 @@ pub fn int(out: &mut BytesMut, n: i64) {
 }
 
 pub fn bulk(out: &mut BytesMut, v: &[u8]) {
-    out.put_u8(b'$');
-    put_usize(out, v.len());
-    out.put_slice(b"\r\n");
+    bulk_header(out, v.len());
     out.put_slice(v);
+    out.put_slice(b"\r\n");
+}
+
+/// `$<len>\r\n`: a bulk string's first line, for a body written after it.
+pub fn bulk_header(out: &mut BytesMut, len: usize) {
+    out.put_u8(b'$');
+    put_usize(out, len);
     out.put_slice(b"\r\n");
 }
 

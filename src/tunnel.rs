@@ -345,9 +345,7 @@ async fn downward<UR, CW>(
                         continue;
                     }
                     if &frame[..] == RESET_REPLY {
-                        while let Ok(s) = rx.try_recv() {
-                            pending.push_back(s);
-                        }
+                        pending.extend(std::iter::from_fn(|| rx.try_recv().ok()));
                         // Only a RESET sent since can answer `+RESET` (a
                         // script's status reply could read the same, but
                         // not while a RESET is pending unless pipelined
@@ -360,9 +358,7 @@ async fn downward<UR, CW>(
                         continue;
                     }
                     let found = if frame.starts_with(UNKNOWN) {
-                        while let Ok(s) = rx.try_recv() {
-                            pending.push_back(s);
-                        }
+                        pending.extend(std::iter::from_fn(|| rx.try_recv().ok()));
                         // Markers older than this one were never answered
                         // (CLIENT REPLY OFF/SKIP): their refusals are
                         // dropped as Redis would have dropped the reply.
