@@ -1,9 +1,10 @@
 //! L1: the in-process near cache.
 //!
-//! Entries are the client-ready reply frames of GET, keyed by the key (L1
-//! only serves sessions on the upstream's own db; sessions that SELECT
-//! another db are pinned and never consult it). Coherence rests on three
-//! rules:
+//! Entries are keyed by the key (L1 only serves sessions on the upstream's
+//! own db; sessions that SELECT another db are pinned and never consult
+//! it) and hold either the reply frame of GET or the fields of a hash that
+//! HGET, HMGET and HGETALL read (one entry per hash, so one invalidation
+//! of the key drops every field). Coherence rests on three rules:
 //!
 //! 1. Fills are read over RESP3 connections with `CLIENT TRACKING ON`, routed
 //!    by key hash, so every read of a key and every invalidation Redis sends
@@ -16,7 +17,7 @@
 //!    is back, since invalidations may have been missed.
 
 use crate::config::{L1Config, L1Mode};
-use crate::l1map::{Get, L1Map};
+use crate::l1map::{Get, L1Map, Weigh};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::sync::Arc;
@@ -37,6 +38,166 @@ pub struct L1Stats {
     /// entry it would have displaced.
     pub rejected: AtomicU64,
     pub coalesced: AtomicU64,
+}
+
+/// What L1 holds for one key.
+pub enum Entry {
+    /// GET's reply: the value's RESP3 bulk string (decoded), or `_`.
+    Frame(Bytes),
+    Hash(HashFields),
+}
+
+impl Weigh for Entry {
+    fn weight(&self) -> usize {
+        match self {
+            Entry::Frame(f) => f.len(),
+            Entry::Hash(h) => h.weight,
+        }
+    }
+}
+
+/// What one cached field costs beyond its name and frame bytes: its slot
+/// in the field table and the two shared-buffer handles.
+const FIELD_OVERHEAD: usize = 80;
+
+/// Fields of one hash as HGET, HMGET and HGETALL read them: a field's
+/// frame is its value's RESP3 bulk string (decoded), or `_` for a field
+/// read as missing.
+#[derive(Default)]
+pub struct HashFields {
+    fields: hashbrown::HashMap<Bytes, Bytes, foldhash::fast::RandomState>,
+    /// HGETALL's reply (a RESP3 map), when it was read: `fields` then holds
+    /// every field of the hash (slices of this frame), and a field not in
+    /// it does not exist.
+    all: Option<Bytes>,
+    weight: usize,
+}
+
+impl HashFields {
+    /// From HGETALL's reply; None unless it is a map of bulk strings.
+    fn complete(all: &Bytes) -> Option<HashFields> {
+        if all.first() != Some(&b'%') {
+            return None;
+        }
+        let elems = crate::resp::elements(all)?;
+        let mut h = HashFields {
+            weight: all.len(),
+            ..HashFields::default()
+        };
+        for pair in elems.chunks_exact(2) {
+            let name = crate::resp::bulk_payload(&pair[0])?;
+            if pair[1].first() != Some(&b'$') {
+                return None;
+            }
+            h.fields.insert(pair[0].slice_ref(name), pair[1].clone());
+            h.weight += FIELD_OVERHEAD;
+        }
+        h.all = Some(all.clone());
+        Some(h)
+    }
+
+    fn add(&mut self, name: &Bytes, frame: &Bytes) {
+        let w = name.len() + frame.len() + FIELD_OVERHEAD;
+        match self.fields.insert(name.clone(), frame.clone()) {
+            Some(old) => self.weight = self.weight - old.len() + frame.len(),
+            None => self.weight += w,
+        }
+    }
+
+    /// A field's frame, `_` for one known not to exist; None: not known.
+    fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        match self.fields.get(name) {
+            Some(f) => Some(f),
+            None if self.all.is_some() => Some(NIL),
+            None => None,
+        }
+    }
+}
+
+/// What a hash read asks L1 for.
+#[derive(Clone, Debug)]
+pub enum HashRead {
+    /// HGET key field.
+    Field(Bytes),
+    /// HMGET key field [field ...].
+    Fields(Vec<Bytes>),
+    /// HGETALL key.
+    All,
+}
+
+impl HashRead {
+    /// The command that reads it on a fill: HGET is read as a one-field
+    /// HMGET, so both install the same way.
+    pub fn fill_command(&self, key: &Bytes) -> Vec<Bytes> {
+        match self {
+            HashRead::Field(f) => vec![Bytes::from_static(b"HMGET"), key.clone(), f.clone()],
+            HashRead::Fields(fs) => [Bytes::from_static(b"HMGET"), key.clone()]
+                .into_iter()
+                .chain(fs.iter().cloned())
+                .collect(),
+            HashRead::All => vec![Bytes::from_static(b"HGETALL"), key.clone()],
+        }
+    }
+
+    fn names(&self) -> &[Bytes] {
+        match self {
+            HashRead::Field(f) => std::slice::from_ref(f),
+            HashRead::Fields(fs) => fs,
+            HashRead::All => &[],
+        }
+    }
+
+    /// The reply a client of `resp3` or not is shown, from the fields'
+    /// frames (in the order asked) or HGETALL's map.
+    fn reply<'a>(&self, mut frames: impl Iterator<Item = &'a [u8]>, resp3: bool) -> Bytes {
+        let one = |f: &[u8]| -> Bytes {
+            if !resp3 && f == NIL {
+                Bytes::from_static(NIL_RESP2)
+            } else {
+                Bytes::copy_from_slice(f)
+            }
+        };
+        match self {
+            HashRead::Field(_) => frames.next().map(one).unwrap_or_default(),
+            HashRead::Fields(fs) => {
+                let mut out = bytes::BytesMut::new();
+                crate::resp::array_header(&mut out, fs.len());
+                for f in frames {
+                    out.extend_from_slice(&one(f));
+                }
+                out.freeze()
+            }
+            HashRead::All => frames
+                .next()
+                .map(|m| map_for_client(m, resp3))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A RESP3 map of bulk strings as a client of `resp3` or not sees it:
+/// RESP2 has a flat array of twice as many elements.
+fn map_for_client(map: &[u8], resp3: bool) -> Bytes {
+    if resp3 || map.first() != Some(&b'%') {
+        return Bytes::copy_from_slice(map);
+    }
+    let Some(eol) = map.iter().position(|&b| b == b'\r') else {
+        return Bytes::copy_from_slice(map);
+    };
+    let n = crate::resp::parse_int(&map[1..eol]).unwrap_or(0);
+    let mut out = bytes::BytesMut::with_capacity(map.len() + 4);
+    crate::resp::array_header(&mut out, 2 * n.max(0) as usize);
+    out.extend_from_slice(&map[eol + 2..]);
+    out.freeze()
+}
+
+/// What a hash read should do.
+pub enum HashLookup {
+    /// The reply, ready for the client.
+    Hit(Bytes),
+    /// Read through the tracking connection and install with this token.
+    Fill(u64),
+    Bypass,
 }
 
 /// A fill in flight for one key.
@@ -85,8 +246,12 @@ type FillTx = (
 
 pub struct L1 {
     pub mode: L1Mode,
-    map: L1Map,
+    map: L1Map<Entry>,
     pending: DashMap<Bytes, Pending>,
+    /// Fills of hash fields in flight, by key. Apart from `pending` (GET's,
+    /// which coalesce): several reads of different fields of one hash may
+    /// be in flight at once. An invalidation removes both.
+    hpending: DashMap<Bytes, Vec<Pending>>,
     /// Waiters by fill token. Registered only under the key's marker lock
     /// while the marker holds that token, and drained by `complete` after
     /// the marker is gone, so no waiter is ever left behind. They live
@@ -140,6 +305,7 @@ impl L1 {
             mode: cfg.mode,
             map,
             pending: DashMap::new(),
+            hpending: DashMap::new(),
             waiters: DashMap::new(),
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
@@ -168,12 +334,17 @@ impl L1 {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return Lookup::Bypass;
         }
-        let found = self.map.get_with(key, Instant::now(), |frame| match dst {
-            Some(d) if frame.len() <= COPY_MAX => {
-                d.extend_from_slice(frame);
-                Lookup::Copied(frame.len())
-            }
-            _ => Lookup::Hit(frame.clone()),
+        let found = self.map.get_with(key, Instant::now(), |e| {
+            let Entry::Frame(frame) = e else {
+                return None;
+            };
+            Some(match dst {
+                Some(d) if frame.len() <= COPY_MAX => {
+                    d.extend_from_slice(frame);
+                    Lookup::Copied(frame.len())
+                }
+                _ => Lookup::Hit(frame.clone()),
+            })
         });
         if let Some(hit) = self.found(found) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -207,7 +378,10 @@ impl L1 {
     /// The entry's frame unless it outlived its deadline (its key's PTTL
     /// or `max_ttl`).
     fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.found(self.map.get_with(key, Instant::now(), Bytes::clone))
+        self.found(self.map.get_with(key, Instant::now(), |e| match e {
+            Entry::Frame(f) => Some(f.clone()),
+            Entry::Hash(_) => None,
+        }))
     }
 
     fn found<R>(&self, g: Get<R>) -> Option<R> {
@@ -298,11 +472,7 @@ impl L1 {
         }
         let current =
             token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
-        let ttl = if pttl > 0 {
-            self.max_ttl.min(Duration::from_millis(pttl as u64))
-        } else {
-            self.max_ttl
-        };
+        let ttl = self.lifetime(pttl);
         // The PTTL counts from before the fill was sent (the marker's
         // birth), not from now, so the entry dies no later than the key in
         // Redis. A fill slower than the key's remaining life installs nothing.
@@ -323,20 +493,10 @@ impl L1 {
         };
         let mut installed = false;
         if let (true, Some(frame)) = (installable, frame) {
-            let ev = self.map.insert(key, frame.clone(), deadline, now);
-            installed = !ev.rejected;
-            self.stats
-                .evicted_size
-                .fetch_add(ev.size, Ordering::Relaxed);
-            self.stats
-                .evicted_expired
-                .fetch_add(ev.expired, Ordering::Relaxed);
-            let counter = if ev.rejected {
-                &self.stats.rejected
-            } else {
-                &self.stats.fills
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            let ev = self
+                .map
+                .insert(key, Entry::Frame(frame.clone()), deadline, now);
+            installed = self.count_install(&ev);
         } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
         }
@@ -344,9 +504,187 @@ impl L1 {
         installed
     }
 
+    /// Counts what an insert did; whether the value is in.
+    fn count_install(&self, ev: &crate::l1map::Evicted) -> bool {
+        self.stats
+            .evicted_size
+            .fetch_add(ev.size, Ordering::Relaxed);
+        self.stats
+            .evicted_expired
+            .fetch_add(ev.expired, Ordering::Relaxed);
+        let counter = if ev.rejected {
+            &self.stats.rejected
+        } else {
+            &self.stats.fills
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        !ev.rejected
+    }
+
+    /// Looks up a hash read (HGET, HMGET, HGETALL). The caller makes sure
+    /// no write of its session is in flight, as for `lookup`. A miss
+    /// leaves a pending marker: the caller fills and calls
+    /// `complete_hash` with the token, whatever happens.
+    pub fn lookup_hash(&self, key: &[u8], read: &HashRead, resp3: bool) -> HashLookup {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
+            return HashLookup::Bypass;
+        }
+        let found = self.map.get_with(key, Instant::now(), |e| {
+            let Entry::Hash(h) = e else {
+                return None;
+            };
+            match read {
+                HashRead::All => h
+                    .all
+                    .as_ref()
+                    .map(|a| read.reply(std::iter::once(&a[..]), resp3)),
+                _ => {
+                    let frames = read
+                        .names()
+                        .iter()
+                        .map(|f| h.field(f))
+                        .collect::<Option<Vec<_>>>()?;
+                    Some(read.reply(frames.into_iter(), resp3))
+                }
+            }
+        });
+        if let Some(reply) = self.found(found) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return HashLookup::Hit(reply);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.hpending
+            .entry(Bytes::copy_from_slice(key))
+            .or_default()
+            .push(Pending {
+                token,
+                since: Instant::now(),
+            });
+        HashLookup::Fill(token)
+    }
+
+    /// Completes a hash fill: `frame` is the reply of the read
+    /// `read.fill_command()` made (decoded, RESP3), None when the fill
+    /// failed; it is installed when no invalidation came since the lookup.
+    /// Returns the reply the client is shown, built from `frame` (or
+    /// `frame` itself when it is no answer to the read, e.g. an error).
+    pub fn complete_hash(
+        &self,
+        key: &Bytes,
+        token: u64,
+        read: &HashRead,
+        frame: Option<&Bytes>,
+        pttl: i64,
+        resp3: bool,
+    ) -> Option<Bytes> {
+        let elems = frame.and_then(|f| match read {
+            HashRead::All => Some(vec![f.clone()]),
+            _ if f.first() == Some(&b'*') => crate::resp::elements(f)
+                .filter(|e| e.len() == read.names().len())
+                .filter(|e| {
+                    e.iter()
+                        .all(|x| x.first() == Some(&b'$') || x[..] == NIL[..])
+                }),
+            _ => None,
+        });
+        // As in `install`: under the marker's lock, which an invalidation
+        // takes first.
+        if let dashmap::Entry::Occupied(mut marker) = self.hpending.entry(key.clone()) {
+            let list = marker.get_mut();
+            if let Some(at) = list.iter().position(|p| p.token == token) {
+                let since = list.swap_remove(at).since;
+                // Fills whose session vanished before completing them.
+                list.retain(|p| p.since.elapsed() <= STALE_PENDING);
+                if let (Some(elems), Some(frame)) = (&elems, frame) {
+                    self.install_hash(key, token, read, frame, elems, since, pttl);
+                }
+                if marker.get().is_empty() {
+                    marker.remove();
+                }
+            } else if frame.is_some() {
+                self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if frame.is_some() {
+            self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+        }
+        let frame = frame?;
+        Some(match elems {
+            Some(e) => read.reply(e.iter().map(|b| &b[..]), resp3),
+            None => frame.clone(),
+        })
+    }
+
+    /// Merges a hash fill into the key's entry: the fields the entry
+    /// already holds are as valid as the new ones (an invalidation since
+    /// would have removed the entry), so fields accumulate, up to
+    /// `max_value_bytes`, past which the new ones replace them.
+    #[allow(clippy::too_many_arguments)]
+    fn install_hash(
+        &self,
+        key: &Bytes,
+        token: u64,
+        read: &HashRead,
+        frame: &Bytes,
+        elems: &[Bytes],
+        since: Instant,
+        pttl: i64,
+    ) {
+        let current =
+            token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
+        if !current {
+            self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = Instant::now();
+        let deadline = since + self.lifetime(pttl);
+        if pttl == 0 || deadline <= now || frame.len() > self.max_value_bytes {
+            return;
+        }
+        let fresh = match read {
+            HashRead::All => match HashFields::complete(frame) {
+                Some(h) => Some(h),
+                None => return,
+            },
+            _ => None,
+        };
+        let limit = self.max_value_bytes;
+        let ev = self.map.upsert(key, now, |cur| {
+            if let Some(h) = fresh {
+                return Some((Entry::Hash(h), deadline));
+            }
+            let (mut h, d) = match cur {
+                Some((Entry::Hash(h), d)) if h.all.is_some() => return Some((Entry::Hash(h), d)),
+                Some((Entry::Hash(h), d)) => (h, d.min(deadline)),
+                _ => (HashFields::default(), deadline),
+            };
+            for (name, f) in read.names().iter().zip(elems) {
+                h.add(name, f);
+            }
+            if h.weight > limit {
+                h = HashFields::default();
+                for (name, f) in read.names().iter().zip(elems) {
+                    h.add(name, f);
+                }
+            }
+            Some((Entry::Hash(h), d))
+        });
+        self.count_install(&ev);
+    }
+
+    /// How long a value read with this PTTL may live in L1.
+    fn lifetime(&self, pttl: i64) -> Duration {
+        if pttl > 0 {
+            self.max_ttl.min(Duration::from_millis(pttl as u64))
+        } else {
+            self.max_ttl
+        }
+    }
+
     /// Forgets a key: its entry and any fill in flight.
     pub fn invalidate(&self, key: &[u8]) {
         self.pending.remove(key);
+        self.hpending.remove(key);
         self.map.remove(key);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
@@ -358,6 +696,7 @@ impl L1 {
             Ordering::Release,
         );
         self.pending.clear();
+        self.hpending.clear();
         self.map.clear();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
     }
@@ -710,5 +1049,185 @@ mod tests {
         .unwrap();
         assert!(v.starts_with(b"-WRONGTYPE"));
         assert!(split_fill_reply(b"-ERR x\r\n+QUEUED\r\n+QUEUED\r\n-EXECABORT y\r\n").is_err());
+    }
+
+    fn b(s: &'static [u8]) -> Bytes {
+        Bytes::from_static(s)
+    }
+
+    /// A hash fill that misses, then completes with `frame`.
+    fn hash_fill(l: &L1, key: &[u8], read: &HashRead, frame: &'static [u8]) -> Option<Bytes> {
+        let HashLookup::Fill(t) = l.lookup_hash(key, read, true) else {
+            panic!("expected a miss")
+        };
+        l.complete_hash(
+            &Bytes::copy_from_slice(key),
+            t,
+            read,
+            Some(&b(frame)),
+            -1,
+            false,
+        )
+    }
+
+    fn hit(l: &L1, key: &[u8], read: &HashRead, resp3: bool) -> Option<Bytes> {
+        match l.lookup_hash(key, read, resp3) {
+            HashLookup::Hit(r) => Some(r),
+            HashLookup::Fill(t) => {
+                // Leave no marker behind.
+                l.complete_hash(&Bytes::copy_from_slice(key), t, read, None, -2, resp3);
+                None
+            }
+            HashLookup::Bypass => panic!("bypass"),
+        }
+    }
+
+    #[test]
+    fn hash_fields_accumulate_and_answer_every_hash_read() {
+        let l = l1();
+        let a = HashRead::Field(b(b"a"));
+        // The fill's reply as the client sees it (RESP2 here).
+        assert_eq!(
+            hash_fill(&l, b"h", &a, b"*1\r\n$1\r\n1\r\n").as_deref(),
+            Some(&b"$1\r\n1\r\n"[..])
+        );
+        assert_eq!(
+            hit(&l, b"h", &a, false).as_deref(),
+            Some(&b"$1\r\n1\r\n"[..])
+        );
+        // b is not known yet; an HMGET of a, b, z reads and adds them.
+        let abz = HashRead::Fields(vec![b(b"a"), b(b"b"), b(b"z")]);
+        assert!(hit(&l, b"h", &HashRead::Field(b(b"b")), false).is_none());
+        assert_eq!(
+            hash_fill(&l, b"h", &abz, b"*3\r\n$1\r\n1\r\n$1\r\n2\r\n_\r\n").as_deref(),
+            Some(&b"*3\r\n$1\r\n1\r\n$1\r\n2\r\n$-1\r\n"[..])
+        );
+        let ba = HashRead::Fields(vec![b(b"b"), b(b"z"), b(b"a")]);
+        assert_eq!(
+            hit(&l, b"h", &ba, true).as_deref(),
+            Some(&b"*3\r\n$1\r\n2\r\n_\r\n$1\r\n1\r\n"[..])
+        );
+        // HGETALL is not answered from some fields, only from its own read,
+        // which then answers any field (absent ones as nil).
+        assert!(hit(&l, b"h", &HashRead::All, true).is_none());
+        let all = b"%2\r\n$1\r\na\r\n$1\r\n1\r\n$1\r\nb\r\n$1\r\n2\r\n";
+        assert_eq!(
+            hash_fill(&l, b"h", &HashRead::All, all).as_deref(),
+            Some(&b"*4\r\n$1\r\na\r\n$1\r\n1\r\n$1\r\nb\r\n$1\r\n2\r\n"[..])
+        );
+        assert_eq!(
+            hit(&l, b"h", &HashRead::All, true).as_deref(),
+            Some(&all[..])
+        );
+        assert_eq!(
+            hit(&l, b"h", &HashRead::Field(b(b"nope")), false).as_deref(),
+            Some(NIL_RESP2)
+        );
+        // GET does not take a hash's entry for its own, nor the reverse.
+        assert!(matches!(l.lookup(b"h", &out(), None), Lookup::Fill(..)));
+        // An invalidation drops every field.
+        l.invalidate(b"h");
+        assert!(hit(&l, b"h", &a, true).is_none());
+        assert_eq!(l.entries(), 0);
+        assert!(l.hpending.is_empty() && l.pending.is_empty());
+    }
+
+    #[test]
+    fn an_invalidated_hash_fill_installs_nothing() {
+        let l = l1();
+        let a = HashRead::Field(b(b"a"));
+        let HashLookup::Fill(t1) = l.lookup_hash(b"h", &a, true) else {
+            panic!()
+        };
+        // Two fills of one hash in flight at once, both voided.
+        let HashLookup::Fill(t2) = l.lookup_hash(b"h", &HashRead::All, true) else {
+            panic!()
+        };
+        l.invalidate(b"h");
+        let k = b(b"h");
+        let r = l.complete_hash(&k, t1, &a, Some(&b(b"*1\r\n$1\r\n1\r\n")), -1, true);
+        assert_eq!(
+            r.as_deref(),
+            Some(&b"$1\r\n1\r\n"[..]),
+            "the client still gets its reply"
+        );
+        l.complete_hash(&k, t2, &HashRead::All, Some(&b(b"%0\r\n")), -1, true);
+        assert_eq!(l.entries(), 0);
+        assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 2);
+        // A flush voids fills started before it.
+        let HashLookup::Fill(t) = l.lookup_hash(b"h", &a, true) else {
+            panic!()
+        };
+        l.flush();
+        l.complete_hash(&k, t, &a, Some(&b(b"*1\r\n$1\r\n1\r\n")), -1, true);
+        assert_eq!(l.entries(), 0);
+        // Errors and nonsense are handed on, never installed.
+        for reply in [
+            &b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"[..],
+            b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
+            b"*1\r\n:1\r\n",
+        ] {
+            let HashLookup::Fill(t) = l.lookup_hash(b"h", &a, true) else {
+                panic!()
+            };
+            let r = l.complete_hash(&k, t, &a, Some(&Bytes::copy_from_slice(reply)), -1, true);
+            assert_eq!(r.as_deref(), Some(reply));
+            assert_eq!(l.entries(), 0);
+        }
+        let HashLookup::Fill(t) = l.lookup_hash(b"h", &HashRead::All, true) else {
+            panic!()
+        };
+        l.complete_hash(
+            &k,
+            t,
+            &HashRead::All,
+            Some(&b(b"%1\r\n$1\r\na\r\n:1\r\n")),
+            -1,
+            true,
+        );
+        assert_eq!(l.entries(), 0);
+        assert!(l.hpending.is_empty());
+    }
+
+    #[test]
+    fn hash_entries_stay_within_max_value_bytes() {
+        let cfg = L1Config {
+            mode: L1Mode::Ttl,
+            max_value_bytes: 1000,
+            ..L1Config::default()
+        };
+        let l = L1::new(&cfg).unwrap();
+        let value = |i: usize| {
+            Bytes::from(format!(
+                "*1\r\n$100\r\n{}\r\n",
+                "v".repeat(99) + &i.to_string()[..1]
+            ))
+        };
+        // Fields accumulate until the next would pass the bound; then the
+        // newcomers replace the rest.
+        for i in 0..20 {
+            let read = HashRead::Field(Bytes::from(format!("f{i}")));
+            let HashLookup::Fill(t) = l.lookup_hash(b"big", &read, true) else {
+                panic!()
+            };
+            l.complete_hash(&b(b"big"), t, &read, Some(&value(i)), -1, true);
+            assert!(
+                l.bytes() as usize <= 1000 + 3 + crate::l1map::ENTRY_OVERHEAD,
+                "{i}"
+            );
+            assert!(hit(&l, b"big", &read, true).is_some(), "{i}");
+        }
+        assert!(hit(&l, b"big", &HashRead::Field(b(b"f0")), true).is_none());
+    }
+
+    #[test]
+    fn maps_become_flat_arrays_for_resp2() {
+        assert_eq!(
+            &map_for_client(b"%1\r\n$1\r\na\r\n$1\r\nb\r\n", false)[..],
+            b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+        );
+        assert_eq!(&map_for_client(b"%0\r\n", false)[..], b"*0\r\n");
+        assert_eq!(&map_for_client(b"%0\r\n", true)[..], b"%0\r\n");
+        assert_eq!(&map_for_client(b"-ERR x\r\n", false)[..], b"-ERR x\r\n");
     }
 }

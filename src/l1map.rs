@@ -1,5 +1,6 @@
-//! The L1's storage: a sharded hash map of reply frames with a byte bound
-//! and CLOCK (second-chance) eviction.
+//! The L1's storage: a sharded hash map of values (reply frames, hash
+//! fields: anything that knows its weight) with a byte bound and CLOCK
+//! (second-chance) eviction.
 //!
 //! It replaced moka, which cost about a third of the proxy's CPU on a
 //! pipelined all-hits load (lookup, read recording into its policy
@@ -8,9 +9,9 @@
 //! done by the insert that exceeds the bound, never by readers.
 //!
 //! The bound: every shard holds at most `max_bytes / shards`, so the whole
-//! map holds at most `max_bytes`, counted as key + frame + a fixed per-entry
-//! overhead that covers the slot, the table entry and the frame's
-//! allocation header. The shard count keeps a shard's budget at least four
+//! map holds at most `max_bytes`, counted as key + the value's weight + a
+//! fixed per-entry overhead that covers the slot, the table entry and the
+//! frame's allocation header. The shard count keeps a shard's budget at least four
 //! times `max_value_bytes`, so any admissible value fits in its shard.
 //!
 //! Admission is TinyLFU's (Einziger, Friedman, Manes; the policy of
@@ -38,9 +39,20 @@ type Key = smallvec::SmallVec<[u8; 32]>;
 
 const MAX_SHARDS: usize = 64;
 
-struct Slot {
+/// What a value costs in bytes, beyond the entry's fixed overhead.
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+struct Slot<V> {
     key: Key,
-    frame: Bytes,
+    value: V,
     hash: u64,
     /// The earlier of the key's own expiry in Redis and `max_ttl`.
     deadline: Instant,
@@ -52,16 +64,28 @@ struct Slot {
 /// What one entry costs beyond its key and frame bytes: the slot, the
 /// table's index and control byte (with its spare capacity), and the
 /// frame's shared allocation header.
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Option<Slot>>() + 16 + 32;
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Option<Slot<Bytes>>>() + 16 + 32;
 
-#[derive(Default)]
-struct Shard {
+struct Shard<V> {
     table: HashTable<u32>,
-    slots: Vec<Option<Slot>>,
+    slots: Vec<Option<Slot<V>>>,
     free: Vec<u32>,
     bytes: usize,
     hand: usize,
     sketch: Sketch,
+}
+
+impl<V> Default for Shard<V> {
+    fn default() -> Self {
+        Shard {
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            bytes: 0,
+            hand: 0,
+            sketch: Sketch::default(),
+        }
+    }
 }
 
 /// How often keys were asked for, approximately: a count-min sketch of
@@ -194,11 +218,10 @@ impl Sketch {
 /// One shard per cache line, so two threads hitting neighbouring shards
 /// do not share a line.
 #[repr(align(64))]
-#[derive(Default)]
-struct Padded(Mutex<Shard>);
+struct Padded<V>(Mutex<Shard<V>>);
 
 pub enum Get<R> {
-    /// What the caller's closure made of the frame.
+    /// What the caller's closure made of the value.
     Hit(R),
     Miss,
     /// Found past its deadline, and removed.
@@ -215,13 +238,13 @@ pub struct Evicted {
     pub rejected: bool,
 }
 
-pub struct L1Map {
-    shards: Box<[Padded]>,
+pub struct L1Map<V> {
+    shards: Box<[Padded<V>]>,
     hasher: KeyHasher,
     budget: usize,
 }
 
-impl L1Map {
+impl<V: Weigh> L1Map<V> {
     pub fn new(max_bytes: u64, max_value_bytes: usize) -> Self {
         let per_value = (max_value_bytes.max(1) as u64).saturating_mul(4);
         let want = (max_bytes / per_value).clamp(1, MAX_SHARDS as u64) as usize;
@@ -248,22 +271,24 @@ impl L1Map {
         }
     }
 
-    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard<V>> {
         // hashbrown takes its bucket from the low bits and its 7-bit tag
         // from the top ones: the shard comes from the middle, so keys of
         // one shard do not share tags (which would make probes compare
         // keys in vain).
         let i = (hash >> 32) as usize & (self.shards.len() - 1);
         // A panic while a shard was held cannot leave it half-updated in a
-        // way a reader could misuse (frames are immutable), so poisoning is
+        // way a reader could misuse (values are replaced whole), so poisoning is
         // ignored rather than spread.
         self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Looks `key` up and hands its frame to `f` while the shard is held,
+    /// Looks `key` up and hands its value to `f` while the shard is held,
     /// so a small frame can be copied out without touching its refcount
-    /// (an atomic on a line other threads' hits also write).
-    pub fn get_with<R>(&self, key: &[u8], now: Instant, f: impl FnOnce(&Bytes) -> R) -> Get<R> {
+    /// (an atomic on a line other threads' hits also write). `f` answers
+    /// None when the value cannot serve this read (another command's
+    /// entry for the key): a miss, which counts nothing.
+    pub fn get_with<R>(&self, key: &[u8], now: Instant, f: impl FnOnce(&V) -> Option<R>) -> Get<R> {
         let hash = self.hasher.hash_one(key);
         let mut sh = self.shard(hash);
         let Some(i) = sh.find(hash, key) else {
@@ -277,6 +302,9 @@ impl L1Map {
             sh.remove_at(i);
             return Get::Expired;
         }
+        let Some(r) = f(&slot.value) else {
+            return Get::Miss;
+        };
         // The reference bit is the sketch's doorkeeper: a resident key
         // counts once per pass of the hand, not once per hit, so the
         // all-hits path writes no sketch line (one more cache miss per hit
@@ -286,30 +314,44 @@ impl L1Map {
             slot.referenced = true;
             sketch.record(hash);
         }
-        Get::Hit(f(&slot.frame))
+        Get::Hit(r)
     }
 
-    #[cfg(test)]
-    fn get(&self, key: &[u8], now: Instant) -> Get<Bytes> {
-        self.get_with(key, now, Bytes::clone)
-    }
-
-    /// Installs `frame` for `key` until `deadline`, replacing any entry of
-    /// the key. A frame too heavy for a shard is not stored, and the key's
+    /// Installs `value` for `key` until `deadline`, replacing any entry of
+    /// the key. A value too heavy for a shard is not stored, and the key's
     /// older entry is removed all the same: the caller meant to replace it.
-    pub fn insert(&self, key: &[u8], frame: Bytes, deadline: Instant, now: Instant) -> Evicted {
+    pub fn insert(&self, key: &[u8], value: V, deadline: Instant, now: Instant) -> Evicted {
+        self.upsert(key, now, |_| Some((value, deadline)))
+    }
+
+    /// Replaces the key's entry with what `make` builds from it (the
+    /// current value and deadline, None when absent or expired), under
+    /// one hold of the shard, so nothing else is installed in between.
+    /// `make` answering None leaves the key without an entry.
+    pub fn upsert(
+        &self,
+        key: &[u8],
+        now: Instant,
+        make: impl FnOnce(Option<(V, Instant)>) -> Option<(V, Instant)>,
+    ) -> Evicted {
         let hash = self.hasher.hash_one(key);
-        let weight = key.len() + frame.len() + ENTRY_OVERHEAD;
         let mut sh = self.shard(hash);
         // A key already held is refreshed, not admitted anew.
-        let resident = match sh.find(hash, key) {
+        let (resident, current) = match sh.find(hash, key) {
             Some(i) => {
-                sh.remove_at(i);
-                true
+                let slot = sh.remove_at(i).expect("indexed slot is occupied");
+                (
+                    true,
+                    (now < slot.deadline).then_some((slot.value, slot.deadline)),
+                )
             }
-            None => false,
+            None => (false, None),
         };
         let mut ev = Evicted::default();
+        let Some((value, deadline)) = make(current) else {
+            return ev;
+        };
+        let weight = key.len() + value.weight() + ENTRY_OVERHEAD;
         if weight > self.budget {
             return ev;
         }
@@ -348,7 +390,7 @@ impl L1Map {
         }
         let slot = Slot {
             key: Key::from_slice(key),
-            frame,
+            value,
             hash,
             deadline,
             weight,
@@ -415,11 +457,11 @@ impl L1Map {
     }
 }
 
-fn slot_hash(slots: &[Option<Slot>], i: u32) -> u64 {
+fn slot_hash<V>(slots: &[Option<Slot<V>>], i: u32) -> u64 {
     slots[i as usize].as_ref().map_or(0, |s| s.hash)
 }
 
-impl Shard {
+impl<V> Shard<V> {
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let slots = &self.slots;
         self.table
@@ -431,15 +473,14 @@ impl Shard {
             .map(|&i| i as usize)
     }
 
-    fn remove_at(&mut self, i: usize) {
-        let Some(slot) = self.slots[i].take() else {
-            return;
-        };
+    fn remove_at(&mut self, i: usize) -> Option<Slot<V>> {
+        let slot = self.slots[i].take()?;
         if let Ok(e) = self.table.find_entry(slot.hash, |&j| j as usize == i) {
             e.remove();
         }
         self.bytes -= slot.weight;
         self.free.push(i as u32);
+        Some(slot)
     }
 
     /// Advances the hand to the first entry not referenced since its last
@@ -484,9 +525,15 @@ mod tests {
         Instant::now() + Duration::from_secs(60)
     }
 
+    impl L1Map<Bytes> {
+        fn get(&self, key: &[u8], now: Instant) -> Get<Bytes> {
+            self.get_with(key, now, |f| Some(f.clone()))
+        }
+    }
+
     #[test]
     fn insert_get_replace_remove() {
-        let m = L1Map::new(1 << 20, 1 << 10);
+        let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
         let now = Instant::now();
         assert!(matches!(m.get(b"k", now), Get::Miss));
         m.insert(b"k", frame(3), later(), now);
@@ -503,7 +550,7 @@ mod tests {
 
     #[test]
     fn entries_end_at_their_deadline() {
-        let m = L1Map::new(1 << 20, 1 << 10);
+        let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
         let now = Instant::now();
         m.insert(b"k", frame(1), now + Duration::from_millis(5), now);
         assert!(matches!(m.get(b"k", now), Get::Hit(_)));
@@ -516,7 +563,7 @@ mod tests {
 
     /// The real order: a lookup that misses (counted by the sketch), then
     /// the fill's insert.
-    fn fill(m: &L1Map, key: &[u8], n: usize, deadline: Instant, now: Instant) -> Evicted {
+    fn fill(m: &L1Map<Bytes>, key: &[u8], n: usize, deadline: Instant, now: Instant) -> Evicted {
         assert!(!matches!(m.get(key, now), Get::Hit(_)));
         m.insert(key, frame(n), deadline, now)
     }
@@ -524,7 +571,7 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_and_read_keys_survive_a_scan() {
         let max = 64 * 1024;
-        let m = L1Map::new(max, 1024);
+        let m = L1Map::<Bytes>::new(max, 1024);
         assert_eq!(m.shard_count(), 16);
         let now = Instant::now();
         let hot: Vec<String> = (0..20).map(|i| format!("hot{i}")).collect();
@@ -554,7 +601,7 @@ mod tests {
         // CLOCK alone keeps only what was read since the hand passed; the
         // sketch remembers that these keys were read many times before.
         let max = 1 << 20;
-        let m = L1Map::new(max, 64 * 1024);
+        let m = L1Map::<Bytes>::new(max, 64 * 1024);
         assert_eq!(m.shard_count(), 4);
         let now = Instant::now();
         let hot: Vec<String> = (0..200).map(|i| format!("hot{i}")).collect();
@@ -585,7 +632,7 @@ mod tests {
 
     #[test]
     fn a_key_asked_for_more_often_than_the_victim_displaces_it() {
-        let m = L1Map::new(1 << 20, 64 * 1024);
+        let m = L1Map::<Bytes>::new(1 << 20, 64 * 1024);
         let now = Instant::now();
         // Fill every shard to its bound with keys asked for once.
         let mut i = 0;
@@ -620,7 +667,7 @@ mod tests {
         // newcomer, asked for more than the cold keys but less than the hot
         // one, would need all three places: it is turned away at the hot
         // one, and the cold ones stay.
-        let m = L1Map::new(4096, 4096);
+        let m = L1Map::<Bytes>::new(4096, 4096);
         assert_eq!(m.shard_count(), 1);
         let now = Instant::now();
         fill(&m, b"cold1", 1000, later(), now);
@@ -658,7 +705,7 @@ mod tests {
 
     #[test]
     fn expired_entries_go_first_and_are_counted_so() {
-        let m = L1Map::new(4096, 256);
+        let m = L1Map::<Bytes>::new(4096, 256);
         assert_eq!(m.shard_count(), 4);
         let now = Instant::now();
         let soon = now + Duration::from_millis(1);
@@ -674,7 +721,7 @@ mod tests {
 
     #[test]
     fn too_heavy_replaces_by_removing() {
-        let m = L1Map::new(4096, 1024);
+        let m = L1Map::<Bytes>::new(4096, 1024);
         let now = Instant::now();
         m.insert(b"k", frame(10), later(), now);
         m.insert(b"k", frame(5000), later(), now);
@@ -684,7 +731,7 @@ mod tests {
 
     #[test]
     fn clear_empties_and_slots_are_reused() {
-        let m = L1Map::new(1 << 20, 1 << 10);
+        let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
         let now = Instant::now();
         for round in 0..3 {
             for i in 0..100 {

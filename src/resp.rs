@@ -575,9 +575,50 @@ pub fn bulk_payload(frame: &[u8]) -> Option<&[u8]> {
     if t == b'=' { body.get(4..) } else { Some(body) }
 }
 
+/// The elements of one whole aggregate frame (array, set, push; a map's
+/// keys and values in turn), as slices of it. None when `frame` is not
+/// exactly one aggregate (a null array included).
+pub fn elements(frame: &Bytes) -> Option<Vec<Bytes>> {
+    let t = *frame.first()?;
+    let per = match t {
+        b'*' | b'~' | b'>' => 1,
+        b'%' => 2,
+        _ => return None,
+    };
+    let eol = find_crlf(frame, 1)?;
+    let n = usize::try_from(parse_int(&frame[1..eol])?).ok()?;
+    let mut pos = eol + 2;
+    let count = n.checked_mul(per)?;
+    let mut out = Vec::with_capacity(count.min(frame.len() / 3));
+    let mut sc = FrameScanner::new();
+    for _ in 0..count {
+        let end = sc.next_frame(&frame[pos..]).ok()??;
+        out.push(frame.slice(pos..pos + end));
+        pos += end;
+        sc.reset();
+    }
+    (pos == frame.len()).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elements_of_aggregates() {
+        let e = |f: &'static [u8]| elements(&Bytes::from_static(f));
+        let got = e(b"*3\r\n$1\r\na\r\n_\r\n*1\r\n:1\r\n").unwrap();
+        assert_eq!(got, [&b"$1\r\na\r\n"[..], b"_\r\n", b"*1\r\n:1\r\n"]);
+        assert_eq!(e(b"%1\r\n$1\r\nk\r\n$1\r\nv\r\n").unwrap().len(), 2);
+        assert_eq!(e(b"%0\r\n").unwrap().len(), 0);
+        // Not exactly one whole aggregate.
+        assert!(e(b"*2\r\n$1\r\na\r\n").is_none());
+        assert!(e(b"*1\r\n$1\r\na\r\n+extra\r\n").is_none());
+        assert!(e(b"*-1\r\n").is_none());
+        assert!(e(b"$1\r\na\r\n").is_none());
+        assert!(e(b"*9223372036854775807\r\n").is_none());
+        assert!(e(b"%9223372036854775807\r\n").is_none());
+    }
 
     fn complete(buf: &[u8]) -> ParsedRange {
         match parse_request(buf, &Limits::default()).unwrap() {

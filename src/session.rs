@@ -16,7 +16,7 @@
 //! execute in the order the client sent them.
 
 use crate::ai::{self, AiCommand};
-use crate::cache::{L1, Lookup};
+use crate::cache::{FillRx, HashLookup, HashRead, L1, Lookup};
 use crate::command::{self, Args, Class, Local};
 use crate::compress_cmd::{self as cz, Kind};
 use crate::resp::{self, Parse};
@@ -661,6 +661,27 @@ where
                             self.forward(b.freeze(), ids, Post::Mget(slots)).await;
                         }
                         continue;
+                    }
+                } else if l1_usable && let Some(read) = hash_read(id, &chunk, *start, &p.args) {
+                    let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
+                    let idx = id.unwrap_or_default();
+                    match l1.lookup_hash(&key, &read, self.resp3) {
+                        HashLookup::Hit(reply) => {
+                            self.flush_run(&chunk, &mut run).await;
+                            self.shared
+                                .metrics
+                                .command(idx, false, Some(Duration::ZERO));
+                            self.reply(reply).await;
+                            continue;
+                        }
+                        HashLookup::Fill(token) => {
+                            self.flush_run(&chunk, &mut run).await;
+                            if let Some(rx) = self.start_hash_fill(key.clone(), read, token) {
+                                self.wait_fill_as(rx, idx, None, key).await;
+                                continue;
+                            }
+                        }
+                        HashLookup::Bypass => {}
                     }
                 } else if id.is_some_and(command::may_write) {
                     invalidate_writes(l1, &view, id);
@@ -1532,6 +1553,43 @@ where
         true
     }
 
+    /// Starts the L1 fill of a hash read (HGET, HMGET, HGETALL) that
+    /// missed: the fields and the key's PTTL are read atomically on the
+    /// key's tracking connection, by a task of its own (which completes the
+    /// pending marker whatever this client does). None, marker completed,
+    /// when that connection is missing: the caller reads the fields itself.
+    fn start_hash_fill(&mut self, key: Bytes, read: HashRead, token: u64) -> Option<FillRx> {
+        let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
+            return None;
+        };
+        let conn = up.tracking(&key);
+        let mut b = BytesMut::with_capacity(64 + 2 * key.len());
+        resp::encode_command(&[b"MULTI".as_slice()], &mut b);
+        resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
+        resp::encode_command(&read.fill_command(&key), &mut b);
+        resp::encode_command(&[b"EXEC".as_slice()], &mut b);
+        let Some(rx) = conn.and_then(|c| c.send(b.freeze(), 4, None).ok()) else {
+            l1.complete_hash(&key, token, &read, None, -2, self.resp3);
+            return None;
+        };
+        let (tx, waited) = oneshot::channel();
+        let shared = self.shared.clone();
+        let out = self.out.clone();
+        let resp3 = self.resp3;
+        tokio::spawn(async move {
+            let r = rx.await.unwrap_or(Err(UpError::Lost));
+            let r = finish_hash_fill(&shared, &key, token, &read, resp3, r);
+            // Owed to the client like an upstream reply until written.
+            if let Ok(reply) = &r {
+                out.add(reply.data.len());
+            }
+            if let Err(Ok(reply)) = tx.send(r) {
+                out.sub(reply.data.len());
+            }
+        });
+        Some(waited)
+    }
+
     /// Queues the reply slot of a GET answered by a fill.
     async fn wait_fill(&mut self, rx: crate::cache::FillRx, key: Bytes) {
         self.wait_fill_as(rx, GET_ID.unwrap_or(0), None, key).await
@@ -2330,6 +2388,73 @@ fn finish_fill(
     l1.complete(key, token, value.then_some(&frame), pttl, outcome);
 }
 
+/// Completes a hash fill (installs what is still valid) and makes the
+/// reply its client is shown.
+fn finish_hash_fill(
+    shared: &Shared,
+    key: &Bytes,
+    token: u64,
+    read: &HashRead,
+    resp3: bool,
+    r: Result<crate::upstream::Reply, UpError>,
+) -> crate::cache::FillResult {
+    let Some(l1) = shared.l1.as_ref() else {
+        return r;
+    };
+    let reply = match r {
+        Ok(reply) => reply,
+        Err(e) => {
+            l1.complete_hash(key, token, read, None, -2, resp3);
+            return Err(e);
+        }
+    };
+    let data = match crate::cache::split_fill_reply(&reply.data) {
+        Ok((pttl, frame)) => {
+            let frame = if shared.rt.compression.load(Ordering::Relaxed) {
+                let d = match read {
+                    HashRead::All => cz::Decode::Pairs,
+                    _ => cz::Decode::Array,
+                };
+                let codec = shared.config().compression.codec();
+                cz::decode_reply(&d, frame, &codec, &shared.metrics.compression)
+            } else {
+                frame
+            };
+            l1.complete_hash(key, token, read, Some(&frame), pttl, resp3)
+                .unwrap_or(frame)
+        }
+        Err(frame) => {
+            l1.complete_hash(key, token, read, None, -2, resp3);
+            frame
+        }
+    };
+    Ok(crate::upstream::Reply {
+        errors: (data.first() == Some(&b'-')) as u64,
+        data,
+    })
+}
+
+/// The hash read L1 may answer for this request: HGET, HMGET or HGETALL
+/// of the right arity (others go to Redis for its error).
+fn hash_read(
+    id: Option<usize>,
+    chunk: &Bytes,
+    start: usize,
+    args: &[std::ops::Range<usize>],
+) -> Option<HashRead> {
+    let id = id?;
+    let arg = |i: usize| chunk.slice(start + args[i].start..start + args[i].end);
+    if Some(id) == *HGET_ID && args.len() == 3 {
+        Some(HashRead::Field(arg(2)))
+    } else if Some(id) == *HMGET_ID && args.len() >= 3 {
+        Some(HashRead::Fields((2..args.len()).map(arg).collect()))
+    } else if Some(id) == *HGETALL_ID && args.len() == 2 {
+        Some(HashRead::All)
+    } else {
+        None
+    }
+}
+
 /// Local writes invalidate at once, before they are forwarded, so the
 /// writer reads its own write and a fill already in flight is discarded.
 pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
@@ -2351,6 +2476,12 @@ static MGET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("MGET"));
 static GET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("GET"));
+static HGET_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("HGET"));
+static HMGET_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("HMGET"));
+static HGETALL_ID: std::sync::LazyLock<Option<usize>> =
+    std::sync::LazyLock::new(|| command::id_of("HGETALL"));
 static SWAPDB_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("SWAPDB"));
 static EXEC_ID: std::sync::LazyLock<Option<usize>> =

@@ -502,8 +502,20 @@ fn coherence_checker(duration: Duration) {
             let mut c = conn_to(port);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let k = format!("ver:{}", (n as usize + w) % KEYS);
-                let _: i64 = redis::cmd("INCR").arg(&k).query(&mut c).unwrap();
+                let k = (n as usize + w) % KEYS;
+                let _: i64 = redis::cmd("INCR")
+                    .arg(format!("ver:{k}"))
+                    .query(&mut c)
+                    .unwrap();
+                // The same versions as fields of a hash, for HGET, HMGET
+                // and HGETALL, which share one entry per hash.
+                let field = ["a", "b"][(n as usize / KEYS) % 2];
+                let _: i64 = redis::cmd("HINCRBY")
+                    .arg(format!("hver:{k}"))
+                    .arg(field)
+                    .arg(1)
+                    .query(&mut c)
+                    .unwrap();
                 n += 1;
             }
             n
@@ -516,7 +528,9 @@ fn coherence_checker(duration: Duration) {
         readers.push(std::thread::spawn(move || {
             let mut c = conn_to(port);
             let mut last = [0i64; KEYS];
+            let mut hlast = [[0i64; 2]; KEYS];
             let mut reads = 0u64;
+            let mut round = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 for (k, seen) in last.iter_mut().enumerate() {
                     let v: Option<i64> = redis::cmd("GET")
@@ -531,6 +545,45 @@ fn coherence_checker(duration: Duration) {
                     *seen = v;
                     reads += 1;
                 }
+                for (k, seen) in hlast.iter_mut().enumerate() {
+                    let h = format!("hver:{k}");
+                    let got: [Option<i64>; 2] = match (round + r + k) % 3 {
+                        0 => {
+                            let f = ["a", "b"][(round + k) % 2];
+                            let v: Option<i64> =
+                                redis::cmd("HGET").arg(&h).arg(f).query(&mut c).unwrap();
+                            if f == "a" { [v, None] } else { [None, v] }
+                        }
+                        1 => {
+                            let v: Vec<Option<i64>> = redis::cmd("HMGET")
+                                .arg(&h)
+                                .arg(&["a", "b"])
+                                .query(&mut c)
+                                .unwrap();
+                            [v[0].or(Some(0)), v[1].or(Some(0))]
+                        }
+                        _ => {
+                            let m: std::collections::HashMap<String, i64> =
+                                redis::cmd("HGETALL").arg(&h).query(&mut c).unwrap();
+                            [
+                                Some(*m.get("a").unwrap_or(&0)),
+                                Some(*m.get("b").unwrap_or(&0)),
+                            ]
+                        }
+                    };
+                    for (i, v) in got.iter().enumerate() {
+                        if let Some(v) = *v {
+                            assert!(
+                                v >= seen[i],
+                                "{h} field {i} went backwards: {} then {v} (proxy port {port})",
+                                seen[i]
+                            );
+                            seen[i] = v;
+                        }
+                    }
+                    reads += 1;
+                }
+                round += 1;
             }
             reads
         }));
@@ -565,6 +618,22 @@ fn coherence_checker(duration: Duration) {
                 f.as_deref(),
                 Duration::from_millis(100),
             );
+        }
+        for k in 0..KEYS {
+            let h = format!("hver:{k}");
+            let want: Vec<String> = redis::cmd("HGETALL").arg(&h).query(&mut direct).unwrap();
+            let t = Instant::now();
+            loop {
+                let got: Vec<String> = redis::cmd("HGETALL").arg(&h).query(&mut c).unwrap();
+                if got == want {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_millis(100),
+                    "{h}: {got:?}, want {want:?}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         let hits = l1_stat(&mut c, "hits");
         assert!(hits > 0, "the checker never exercised L1 hits");
@@ -753,4 +822,317 @@ fn a_deep_pipeline_of_large_hits_is_served_not_cut_off() {
     assert_eq!(replies.len(), 8000);
     assert!(replies.iter().all(|r| r == &val));
     assert!(l1_stat(&mut c, "hits") - hits_before >= 8000);
+}
+
+/// Upstream hash reads of any kind (fills read HGET as a one-field HMGET).
+fn hash_calls(redis: &RedisServer) -> u64 {
+    ["hget", "hmget", "hgetall"]
+        .iter()
+        .map(|c| redis.calls(c))
+        .sum()
+}
+
+#[test]
+fn hash_reads_are_served_from_l1_with_redis_exact_replies() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg(&["a", "1", "b", "22", "c", ""])
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("s")
+        .arg("x")
+        .query(&mut direct)
+        .unwrap();
+    // The same requests, RESP2 then RESP3, first through Redis itself for
+    // the expected bytes, then twice through respite (fill, then hit).
+    let reads: [&[&[u8]]; 9] = [
+        &[b"HGET", b"h", b"a"],
+        &[b"HGET", b"h", b"zz"],
+        &[b"HMGET", b"h", b"a", b"zz", b"b", b"a"],
+        &[b"HGETALL", b"h"],
+        &[b"HGET", b"h", b"c"],
+        &[b"HGET", b"nokey", b"a"],
+        &[b"HMGET", b"nokey", b"a", b"b"],
+        &[b"HGETALL", b"nokey"],
+        &[b"HGET", b"s", b"a"],
+    ];
+    for hello in [&b"2"[..], b"3"] {
+        let mut want = Raw::connect(redis.port);
+        let mut got = proxy.raw();
+        for r in [&mut want, &mut got] {
+            r.send(&cmd_bytes(&[b"HELLO", hello]));
+            r.read_reply();
+        }
+        for req in reads {
+            want.send(&cmd_bytes(req));
+            let expected = want.read_reply();
+            for round in 0..2 {
+                got.send(&cmd_bytes(req));
+                assert_eq!(
+                    String::from_utf8_lossy(&got.read_reply()),
+                    String::from_utf8_lossy(&expected),
+                    "{req:?} RESP{hello:?} round {round}"
+                );
+            }
+        }
+    }
+    // Every read above was a hit the second time, or answered from what a
+    // wider read had filled: more reads would reach Redis no more.
+    let mut c = proxy.conn();
+    let before = hash_calls(&redis);
+    for _ in 0..20 {
+        let v: Option<String> = redis::cmd("HGET").arg("h").arg("b").query(&mut c).unwrap();
+        assert_eq!(v.as_deref(), Some("22"));
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg("h")
+            .arg(&["c", "a", "nope"])
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, [Some(String::new()), Some("1".into()), None]);
+        let all: Vec<String> = redis::cmd("HGETALL").arg("h").query(&mut c).unwrap();
+        assert_eq!(all, ["a", "1", "b", "22", "c", ""]);
+    }
+    assert_eq!(hash_calls(&redis), before, "hash hits reached Redis");
+    // The WRONGTYPE error is never cached.
+    let before = redis.calls("hmget");
+    for _ in 0..3 {
+        let e = redis::cmd("HGET")
+            .arg("s")
+            .arg("a")
+            .query::<Option<String>>(&mut c)
+            .unwrap_err();
+        assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+    }
+    assert_eq!(redis.calls("hmget"), before + 3);
+    // A GET of a hash is Redis' error, not a cached hash.
+    let e = redis::cmd("GET")
+        .arg("h")
+        .query::<Option<String>>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+}
+
+#[test]
+fn hash_writes_invalidate_cached_fields() {
+    let redis = RedisServer::start();
+    let p1 = Proxy::start(&redis.url(), &[]);
+    let p2 = Proxy::start(&redis.url(), &["--set", "server.threads=2"]);
+    let mut c1 = p1.conn();
+    let mut c2 = p2.conn();
+    let mut direct = redis.conn();
+    let hget = |c: &mut redis::Connection, f: &str| -> Option<String> {
+        redis::cmd("HGET").arg("h").arg(f).query(c).unwrap()
+    };
+    let all = |c: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("HGETALL").arg("h").query(c).unwrap()
+    };
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg(&["a", "1", "b", "2"])
+        .query(&mut direct)
+        .unwrap();
+    // Warm both kinds of entry on both proxies.
+    for c in [&mut c1, &mut c2] {
+        assert_eq!(hget(c, "a").as_deref(), Some("1"));
+        assert_eq!(all(c), ["a", "1", "b", "2"]);
+    }
+    // A write through p1: p1 reads it back at once, p2 within 50 ms.
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("a")
+        .arg("10")
+        .query(&mut c1)
+        .unwrap();
+    assert_eq!(hget(&mut c1, "a").as_deref(), Some("10"));
+    let until = |c: &mut redis::Connection, want: &[&str]| {
+        let t = Instant::now();
+        loop {
+            let got = all(c);
+            if got == want {
+                assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(3), "stuck at {got:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    until(&mut c2, &["a", "10", "b", "2"]);
+    // Direct writes of every kind reach both.
+    let _: () = redis::cmd("HDEL")
+        .arg("h")
+        .arg("b")
+        .query(&mut direct)
+        .unwrap();
+    until(&mut c1, &["a", "10"]);
+    until(&mut c2, &["a", "10"]);
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("h")
+        .arg("a")
+        .arg(5)
+        .query(&mut direct)
+        .unwrap();
+    until(&mut c1, &["a", "15"]);
+    let _: () = redis::cmd("DEL").arg("h").query(&mut direct).unwrap();
+    until(&mut c2, &[]);
+    assert_eq!(hget(&mut c1, "a"), None);
+    // FLUSHALL through the other proxy empties the entry too.
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("z")
+        .arg("1")
+        .query(&mut c2)
+        .unwrap();
+    until(&mut c1, &["z", "1"]);
+    let _: () = redis::cmd("FLUSHALL").query(&mut c2).unwrap();
+    until(&mut c1, &[]);
+}
+
+#[test]
+fn hash_fields_never_outlive_the_key_in_redis() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut c = proxy.conn();
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg("eh")
+        .arg("f")
+        .arg("v")
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg("eh")
+        .arg(300)
+        .query(&mut direct)
+        .unwrap();
+    let t = Instant::now();
+    let v: Option<String> = redis::cmd("HGET").arg("eh").arg("f").query(&mut c).unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+    loop {
+        // Taken before the reads: they are then at least this late.
+        let past = t.elapsed() >= Duration::from_millis(302);
+        let v: Option<String> = redis::cmd("HGET").arg("eh").arg("f").query(&mut c).unwrap();
+        let all: Vec<String> = redis::cmd("HGETALL").arg("eh").query(&mut c).unwrap();
+        if past {
+            assert_eq!(v, None, "cached past the key's expiry");
+            assert!(all.is_empty());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn compressed_hash_values_are_cached_decoded() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &["--set", "compression.min_bytes=64"]);
+    let mut c = proxy.conn();
+    let big = "json-ish value ".repeat(40);
+    let _: () = redis::cmd("HSET")
+        .arg("ch")
+        .arg(&["big", big.as_str(), "small", "s"])
+        .query(&mut c)
+        .unwrap();
+    let stored: Vec<u8> = redis::cmd("HGET")
+        .arg("ch")
+        .arg("big")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(
+        stored.len() < big.len(),
+        "the value was not stored compressed"
+    );
+    for _ in 0..2 {
+        let v: String = redis::cmd("HGET")
+            .arg("ch")
+            .arg("big")
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, big);
+        let v: Vec<String> = redis::cmd("HMGET")
+            .arg("ch")
+            .arg(&["small", "big"])
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, ["s", big.as_str()]);
+        let all: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg("ch").query(&mut c).unwrap();
+        assert_eq!(all["big"], big);
+    }
+    assert!(l1_stat(&mut c, "hits") >= 3);
+}
+
+#[test]
+fn hash_reads_are_not_answered_with_a_write_pipelined_after_them() {
+    // As for GET: a hash read that misses is answered by a fill on a
+    // tracking connection, and the write pipelined after it, sent on the
+    // client's own connection, must not reach Redis first; the read after
+    // the write sees it.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut r = proxy.raw();
+    let mut direct = Raw::connect(redis.port);
+    let n = 1500;
+    let mut load = Vec::new();
+    for i in 0..n {
+        load.extend(cmd_bytes(&[
+            b"HSET",
+            format!("hrace{i}").as_bytes(),
+            b"f",
+            b"old",
+        ]));
+    }
+    direct.send(&load);
+    for _ in 0..n {
+        direct.read_reply();
+    }
+    let reads: [&[&[u8]]; 3] = [&[b"HGET", b"f"], &[b"HMGET", b"f", b"g"], &[b"HGETALL"]];
+    let before = |i: usize| match i % 3 {
+        0 => "$3\r\nold\r\n",
+        1 => "*2\r\n$3\r\nold\r\n$-1\r\n",
+        _ => "*2\r\n$1\r\nf\r\n$3\r\nold\r\n",
+    };
+    let after = |i: usize| match i % 3 {
+        0 => "$3\r\nnew\r\n",
+        1 => "*2\r\n$3\r\nnew\r\n$-1\r\n",
+        _ => "*2\r\n$1\r\nf\r\n$3\r\nnew\r\n",
+    };
+    let read = |i: usize, k: &str| -> Vec<u8> {
+        let cmd = reads[i % 3];
+        let mut args: Vec<&[u8]> = vec![cmd[0], k.as_bytes()];
+        args.extend(&cmd[1..]);
+        cmd_bytes(&args)
+    };
+    for chunk in 0..n / 100 {
+        let mut batch = Vec::new();
+        for i in chunk * 100..(chunk + 1) * 100 {
+            let k = format!("hrace{i}");
+            batch.extend(read(i, &k));
+            batch.extend(cmd_bytes(&[b"HSET", k.as_bytes(), b"f", b"new"]));
+            batch.extend(read(i, &k));
+        }
+        r.send(&batch);
+        for i in chunk * 100..(chunk + 1) * 100 {
+            assert_eq!(
+                String::from_utf8_lossy(&r.read_reply()),
+                before(i),
+                "hrace{i} read saw the HSET after it"
+            );
+            assert_eq!(r.read_reply(), b":0\r\n");
+            assert_eq!(
+                String::from_utf8_lossy(&r.read_reply()),
+                after(i),
+                "hrace{i} read missed the HSET before it"
+            );
+        }
+    }
+    // And once cached, the new values are what L1 holds.
+    for i in 0..6 {
+        let k = format!("hrace{i}");
+        r.send(&read(i, &k));
+        assert_eq!(String::from_utf8_lossy(&r.read_reply()), after(i));
+    }
 }
