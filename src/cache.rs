@@ -74,34 +74,64 @@ pub struct HashFields {
 }
 
 impl HashFields {
-    /// From HGETALL's reply; None unless it is a map of bulk strings.
-    fn complete(all: &Bytes) -> Option<HashFields> {
-        if all.first() != Some(&b'%') {
-            return None;
-        }
-        let elems = crate::resp::elements(all)?;
-        let mut h = HashFields {
-            weight: all.len(),
-            ..HashFields::default()
-        };
-        for pair in elems.chunks_exact(2) {
-            let name = crate::resp::bulk_payload(&pair[0])?;
-            if pair[1].first() != Some(&b'$') {
+    /// What a fill of `read` brought (its reply decoded, RESP3); None when
+    /// the reply is no answer to it (an error, WRONGTYPE included).
+    fn from_fill(read: &HashRead, frame: &Bytes) -> Option<HashFields> {
+        let elems = crate::resp::elements(frame)?;
+        let mut h = HashFields::default();
+        if let HashRead::All = read {
+            if frame.first() != Some(&b'%') {
                 return None;
             }
-            h.fields.insert(pair[0].slice_ref(name), pair[1].clone());
-            h.weight += FIELD_OVERHEAD;
+            h.weight = frame.len();
+            for pair in elems.chunks_exact(2) {
+                let name = crate::resp::bulk_payload(&pair[0])?;
+                if pair[1].first() != Some(&b'$') {
+                    return None;
+                }
+                h.fields.insert(pair[0].slice_ref(name), pair[1].clone());
+                h.weight += FIELD_OVERHEAD;
+            }
+            h.all = Some(frame.clone());
+            return Some(h);
         }
-        h.all = Some(all.clone());
+        let names = read.names();
+        if frame.first() != Some(&b'*') || elems.len() != names.len() {
+            return None;
+        }
+        for (name, f) in names.iter().zip(elems) {
+            if f.first() != Some(&b'$') && f[..] != NIL[..] {
+                return None;
+            }
+            h.add(name.clone(), f);
+        }
         Some(h)
     }
 
-    fn add(&mut self, name: &Bytes, frame: &Bytes) {
-        let w = name.len() + frame.len() + FIELD_OVERHEAD;
-        match self.fields.insert(name.clone(), frame.clone()) {
-            Some(old) => self.weight = self.weight - old.len() + frame.len(),
-            None => self.weight += w,
+    fn add(&mut self, name: Bytes, frame: Bytes) {
+        let (name_len, frame_len) = (name.len(), frame.len());
+        match self.fields.insert(name, frame) {
+            // A name already held (HMGET k f f) weighs once.
+            Some(old) => self.weight = self.weight + frame_len - old.len(),
+            None => self.weight += name_len + frame_len + FIELD_OVERHEAD,
         }
+    }
+
+    /// `fresh` added to what this entry holds: both were read with no
+    /// invalidation of the key since (it would have removed the entry, or
+    /// voided the fill), so both hold now. A whole hash already read stays
+    /// as it is; past `limit` bytes, `fresh` alone.
+    fn merge(mut self, fresh: HashFields, limit: usize) -> HashFields {
+        if self.all.is_some() || fresh.all.is_some() {
+            return if self.all.is_some() { self } else { fresh };
+        }
+        if self.weight + fresh.weight > limit {
+            return fresh;
+        }
+        for (name, f) in fresh.fields {
+            self.add(name, f);
+        }
+        self
     }
 
     /// A field's frame, `_` for one known not to exist; None: not known.
@@ -111,6 +141,34 @@ impl HashFields {
             None if self.all.is_some() => Some(NIL),
             None => None,
         }
+    }
+
+    /// The reply to `read` for a client of `resp3` or not, if this holds
+    /// all it asks for.
+    fn answer(&self, read: &HashRead, resp3: bool) -> Option<Bytes> {
+        let one = |f: &[u8], out: &mut bytes::BytesMut| {
+            if !resp3 && f == NIL {
+                out.extend_from_slice(NIL_RESP2);
+            } else {
+                out.extend_from_slice(f);
+            }
+        };
+        let mut out = bytes::BytesMut::new();
+        match read {
+            HashRead::All => return self.all.as_ref().map(|a| map_for_client(a, resp3)),
+            HashRead::Field(f) => one(self.field(f)?, &mut out),
+            HashRead::Fields(fs) => {
+                let frames = fs
+                    .iter()
+                    .map(|f| self.field(f))
+                    .collect::<Option<Vec<_>>>()?;
+                crate::resp::array_header(&mut out, fs.len());
+                for f in frames {
+                    one(f, &mut out);
+                }
+            }
+        }
+        Some(out.freeze())
     }
 }
 
@@ -130,12 +188,11 @@ impl HashRead {
     /// HMGET, so both install the same way.
     pub fn fill_command(&self, key: &Bytes) -> Vec<Bytes> {
         match self {
-            HashRead::Field(f) => vec![Bytes::from_static(b"HMGET"), key.clone(), f.clone()],
-            HashRead::Fields(fs) => [Bytes::from_static(b"HMGET"), key.clone()]
-                .into_iter()
-                .chain(fs.iter().cloned())
-                .collect(),
             HashRead::All => vec![Bytes::from_static(b"HGETALL"), key.clone()],
+            _ => [Bytes::from_static(b"HMGET"), key.clone()]
+                .into_iter()
+                .chain(self.names().iter().cloned())
+                .collect(),
         }
     }
 
@@ -147,30 +204,13 @@ impl HashRead {
         }
     }
 
-    /// The reply a client of `resp3` or not is shown, from the fields'
-    /// frames (in the order asked) or HGETALL's map.
-    fn reply<'a>(&self, mut frames: impl Iterator<Item = &'a [u8]>, resp3: bool) -> Bytes {
-        let one = |f: &[u8]| -> Bytes {
-            if !resp3 && f == NIL {
-                Bytes::from_static(NIL_RESP2)
-            } else {
-                Bytes::copy_from_slice(f)
-            }
-        };
-        match self {
-            HashRead::Field(_) => frames.next().map(one).unwrap_or_default(),
-            HashRead::Fields(fs) => {
-                let mut out = bytes::BytesMut::new();
-                crate::resp::array_header(&mut out, fs.len());
-                for f in frames {
-                    out.extend_from_slice(&one(f));
-                }
-                out.freeze()
-            }
-            HashRead::All => frames
-                .next()
-                .map(|m| map_for_client(m, resp3))
-                .unwrap_or_default(),
+    /// Whether a fill of `self` answers `other` too (a miss of `other`
+    /// may wait for it instead of reading).
+    fn covers(&self, other: &HashRead) -> bool {
+        match (self, other) {
+            (HashRead::All, _) => true,
+            (_, HashRead::All) => false,
+            _ => other.names().iter().all(|n| self.names().contains(n)),
         }
     }
 }
@@ -195,10 +235,24 @@ fn map_for_client(map: &[u8], resp3: bool) -> Bytes {
 pub enum HashLookup {
     /// The reply, ready for the client.
     Hit(Bytes),
-    /// Read through the tracking connection and install with this token.
-    Fill(u64),
+    /// Read through the tracking connection and complete with this token;
+    /// the reply arrives on the receiver, as for every waiter.
+    Fill(u64, FillRx),
+    /// A fill that covers this read is in flight: its outcome, as this
+    /// client must see it, arrives here.
+    Wait(FillRx),
     Bypass,
 }
+
+/// A hash fill in flight, and what it reads.
+struct HashPending {
+    token: u64,
+    since: Instant,
+    read: HashRead,
+}
+
+/// A session waiting for a hash fill, with what it asked and how it speaks.
+type HashWaiter = (HashRead, bool, FillTx);
 
 /// A fill in flight for one key.
 struct Pending {
@@ -251,7 +305,9 @@ pub struct L1 {
     /// Fills of hash fields in flight, by key. Apart from `pending` (GET's,
     /// which coalesce): several reads of different fields of one hash may
     /// be in flight at once. An invalidation removes both.
-    hpending: DashMap<Bytes, Vec<Pending>>,
+    hpending: DashMap<Bytes, Vec<HashPending>>,
+    /// Sessions waiting for hash fills, by token (as `waiters`).
+    hwaiters: DashMap<u64, Vec<HashWaiter>>,
     /// Waiters by fill token. Registered only under the key's marker lock
     /// while the marker holds that token, and drained by `complete` after
     /// the marker is gone, so no waiter is ever left behind. They live
@@ -306,6 +362,7 @@ impl L1 {
             map,
             pending: DashMap::new(),
             hpending: DashMap::new(),
+            hwaiters: DashMap::new(),
             waiters: DashMap::new(),
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
@@ -522,113 +579,136 @@ impl L1 {
     }
 
     /// Looks up a hash read (HGET, HMGET, HGETALL). The caller makes sure
-    /// no write of its session is in flight, as for `lookup`. A miss
-    /// leaves a pending marker: the caller fills and calls
-    /// `complete_hash` with the token, whatever happens.
-    pub fn lookup_hash(&self, key: &[u8], read: &HashRead, resp3: bool) -> HashLookup {
+    /// no write of its session is in flight, as for `lookup`. On `Fill` the
+    /// caller reads and calls `complete_hash` with the token, whatever
+    /// happens.
+    pub fn lookup_hash(
+        &self,
+        key: &[u8],
+        read: &HashRead,
+        resp3: bool,
+        out: &Arc<crate::upstream::OutBytes>,
+    ) -> HashLookup {
         if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
             return HashLookup::Bypass;
         }
-        let found = self.map.get_with(key, Instant::now(), |e| {
-            let Entry::Hash(h) = e else {
-                return None;
-            };
-            match read {
-                HashRead::All => h
-                    .all
-                    .as_ref()
-                    .map(|a| read.reply(std::iter::once(&a[..]), resp3)),
-                _ => {
-                    let frames = read
-                        .names()
-                        .iter()
-                        .map(|f| h.field(f))
-                        .collect::<Option<Vec<_>>>()?;
-                    Some(read.reply(frames.into_iter(), resp3))
-                }
-            }
+        let found = self.map.get_with(key, Instant::now(), |e| match e {
+            Entry::Hash(h) => h.answer(read, resp3),
+            Entry::Frame(_) => None,
         });
         if let Some(reply) = self.found(found) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return HashLookup::Hit(reply);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.hpending
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = (read.clone(), resp3, (tx, out.clone()));
+        let mut marker = self
+            .hpending
             .entry(Bytes::copy_from_slice(key))
-            .or_default()
-            .push(Pending {
-                token,
-                since: Instant::now(),
-            });
-        HashLookup::Fill(token)
+            .or_default();
+        // Registered while the marker's lock is held (see `waiters`).
+        if let Some(p) = marker
+            .iter()
+            .find(|p| p.read.covers(read) && p.since.elapsed() <= STALE_PENDING)
+        {
+            self.hwaiters.entry(p.token).or_default().push(waiter);
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            return HashLookup::Wait(rx);
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.hwaiters.insert(token, vec![waiter]);
+        marker.push(HashPending {
+            token,
+            since: Instant::now(),
+            read: read.clone(),
+        });
+        HashLookup::Fill(token, rx)
     }
 
-    /// Completes a hash fill: `frame` is the reply of the read
-    /// `read.fill_command()` made (decoded, RESP3), None when the fill
-    /// failed; it is installed when no invalidation came since the lookup.
-    /// Returns the reply the client is shown, built from `frame` (or
-    /// `frame` itself when it is no answer to the read, e.g. an error).
+    /// Completes a hash fill of `read`: `outcome` is its reply (decoded,
+    /// RESP3) with the key's PTTL read atomically with it, or the failure.
+    /// The fields are installed when no invalidation came since the
+    /// lookup; every waiter gets the reply to its own read either way (it
+    /// asked before that invalidation, as GET's waiters).
     pub fn complete_hash(
         &self,
         key: &Bytes,
         token: u64,
         read: &HashRead,
-        frame: Option<&Bytes>,
-        pttl: i64,
-        resp3: bool,
-    ) -> Option<Bytes> {
-        let elems = frame.and_then(|f| match read {
-            HashRead::All => Some(vec![f.clone()]),
-            _ if f.first() == Some(&b'*') => crate::resp::elements(f)
-                .filter(|e| e.len() == read.names().len())
-                .filter(|e| {
-                    e.iter()
-                        .all(|x| x.first() == Some(&b'$') || x[..] == NIL[..])
-                }),
-            _ => None,
-        });
-        // As in `install`: under the marker's lock, which an invalidation
-        // takes first.
-        if let dashmap::Entry::Occupied(mut marker) = self.hpending.entry(key.clone()) {
-            let list = marker.get_mut();
-            if let Some(at) = list.iter().position(|p| p.token == token) {
-                let since = list.swap_remove(at).since;
+        outcome: Result<(Bytes, i64), crate::upstream::UpError>,
+    ) {
+        let fresh = match &outcome {
+            Ok((frame, _)) => HashFields::from_fill(read, frame),
+            Err(_) => None,
+        };
+        // As in `install`: the install happens under the marker's lock,
+        // which an invalidation takes first.
+        let mut since = None;
+        let mut marker = None;
+        if let dashmap::Entry::Occupied(mut m) = self.hpending.entry(key.clone()) {
+            if let Some(at) = m.get().iter().position(|p| p.token == token) {
+                since = Some(m.get_mut().swap_remove(at).since);
                 // Fills whose session vanished before completing them.
-                list.retain(|p| p.since.elapsed() <= STALE_PENDING);
-                if let (Some(elems), Some(frame)) = (&elems, frame) {
-                    self.install_hash(key, token, read, frame, elems, since, pttl);
+                m.get_mut().retain(|p| p.since.elapsed() <= STALE_PENDING);
+            }
+            marker = Some(m);
+        }
+        // The token has left the marker: no new waiter can join it.
+        let waiters = self
+            .hwaiters
+            .remove(&token)
+            .map(|(_, w)| w)
+            .unwrap_or_default();
+        let replies: Vec<FillResult> = waiters
+            .iter()
+            .map(|(r, resp3, _)| match &outcome {
+                Ok((frame, _)) => {
+                    let data = fresh
+                        .as_ref()
+                        .and_then(|h| h.answer(r, *resp3))
+                        .unwrap_or_else(|| for_client(frame.clone(), *resp3));
+                    Ok(crate::upstream::Reply {
+                        errors: (data.first() == Some(&b'-')) as u64,
+                        data,
+                    })
                 }
-                if marker.get().is_empty() {
-                    marker.remove();
-                }
-            } else if frame.is_some() {
+                Err(e) => Err(e.clone()),
+            })
+            .collect();
+        match (since, fresh, &outcome) {
+            (Some(since), Some(h), Ok((frame, pttl))) => {
+                self.install_hash(key, token, h, since, *pttl, frame.len())
+            }
+            (None, _, Ok(_)) => {
                 self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
             }
-        } else if frame.is_some() {
-            self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
+            _ => {}
         }
-        let frame = frame?;
-        Some(match elems {
-            Some(e) => read.reply(e.iter().map(|b| &b[..]), resp3),
-            None => frame.clone(),
-        })
+        if let Some(m) = marker
+            && m.get().is_empty()
+        {
+            m.remove();
+        }
+        for ((_, _, (w, out)), r) in waiters.into_iter().zip(replies) {
+            if let Ok(r) = &r {
+                out.add(r.data.len());
+            }
+            if let Err(Ok(r)) = w.send(r) {
+                out.sub(r.data.len());
+            }
+        }
     }
 
-    /// Merges a hash fill into the key's entry: the fields the entry
-    /// already holds are as valid as the new ones (an invalidation since
-    /// would have removed the entry), so fields accumulate, up to
-    /// `max_value_bytes`, past which the new ones replace them.
-    #[allow(clippy::too_many_arguments)]
+    /// Merges a hash fill into the key's entry (see `HashFields::merge`).
     fn install_hash(
         &self,
         key: &Bytes,
         token: u64,
-        read: &HashRead,
-        frame: &Bytes,
-        elems: &[Bytes],
+        fresh: HashFields,
         since: Instant,
         pttl: i64,
+        size: usize,
     ) {
         let current =
             token >= self.epoch.load(Ordering::Acquire) && self.valid.load(Ordering::Acquire);
@@ -638,36 +718,15 @@ impl L1 {
         }
         let now = Instant::now();
         let deadline = since + self.lifetime(pttl);
-        if pttl == 0 || deadline <= now || frame.len() > self.max_value_bytes {
+        if pttl == 0 || deadline <= now || size > self.max_value_bytes {
             return;
         }
-        let fresh = match read {
-            HashRead::All => match HashFields::complete(frame) {
-                Some(h) => Some(h),
-                None => return,
-            },
-            _ => None,
-        };
         let limit = self.max_value_bytes;
         let ev = self.map.upsert(key, now, |cur| {
-            if let Some(h) = fresh {
-                return Some((Entry::Hash(h), deadline));
-            }
-            let (mut h, d) = match cur {
-                Some((Entry::Hash(h), d)) if h.all.is_some() => return Some((Entry::Hash(h), d)),
-                Some((Entry::Hash(h), d)) => (h, d.min(deadline)),
-                _ => (HashFields::default(), deadline),
-            };
-            for (name, f) in read.names().iter().zip(elems) {
-                h.add(name, f);
-            }
-            if h.weight > limit {
-                h = HashFields::default();
-                for (name, f) in read.names().iter().zip(elems) {
-                    h.add(name, f);
-                }
-            }
-            Some((Entry::Hash(h), d))
+            Some(match cur {
+                Some((Entry::Hash(h), d)) => (Entry::Hash(h.merge(fresh, limit)), d.min(deadline)),
+                _ => (Entry::Hash(fresh), deadline),
+            })
         });
         self.count_install(&ev);
     }
@@ -1055,29 +1114,32 @@ mod tests {
         Bytes::from_static(s)
     }
 
-    /// A hash fill that misses, then completes with `frame`.
+    /// What a waiter was sent, if anything yet.
+    fn sent(rx: &mut FillRx) -> Option<Bytes> {
+        rx.try_recv().ok().map(|r| r.expect("a reply").data)
+    }
+
+    /// A hash read that misses, filled with `frame`; the reply its client
+    /// (RESP2) was sent.
     fn hash_fill(l: &L1, key: &[u8], read: &HashRead, frame: &'static [u8]) -> Option<Bytes> {
-        let HashLookup::Fill(t) = l.lookup_hash(key, read, true) else {
+        let HashLookup::Fill(t, mut rx) = l.lookup_hash(key, read, false, &out()) else {
             panic!("expected a miss")
         };
-        l.complete_hash(
-            &Bytes::copy_from_slice(key),
-            t,
-            read,
-            Some(&b(frame)),
-            -1,
-            false,
-        )
+        let k = Bytes::copy_from_slice(key);
+        l.complete_hash(&k, t, read, Ok((b(frame), -1)));
+        sent(&mut rx)
     }
 
     fn hit(l: &L1, key: &[u8], read: &HashRead, resp3: bool) -> Option<Bytes> {
-        match l.lookup_hash(key, read, resp3) {
+        match l.lookup_hash(key, read, resp3, &out()) {
             HashLookup::Hit(r) => Some(r),
-            HashLookup::Fill(t) => {
+            HashLookup::Fill(t, _) => {
                 // Leave no marker behind.
-                l.complete_hash(&Bytes::copy_from_slice(key), t, read, None, -2, resp3);
+                let k = Bytes::copy_from_slice(key);
+                l.complete_hash(&k, t, read, Err(crate::upstream::UpError::Lost));
                 None
             }
+            HashLookup::Wait(_) => panic!("nothing is in flight"),
             HashLookup::Bypass => panic!("bypass"),
         }
     }
@@ -1123,43 +1185,113 @@ mod tests {
             hit(&l, b"h", &HashRead::Field(b(b"nope")), false).as_deref(),
             Some(NIL_RESP2)
         );
+        // A later field read keeps the whole hash as it is.
+        assert!(hash_fill(&l, b"h2", &a, b"*1\r\n$1\r\n1\r\n").is_some());
         // GET does not take a hash's entry for its own, nor the reverse.
         assert!(matches!(l.lookup(b"h", &out(), None), Lookup::Fill(..)));
         // An invalidation drops every field.
         l.invalidate(b"h");
         assert!(hit(&l, b"h", &a, true).is_none());
+        l.invalidate(b"h2");
         assert_eq!(l.entries(), 0);
-        assert!(l.hpending.is_empty() && l.pending.is_empty());
+        assert!(l.hpending.is_empty() && l.hwaiters.is_empty());
+    }
+
+    #[test]
+    fn hash_misses_wait_for_a_fill_that_covers_them() {
+        let l = l1();
+        let k = b(b"h");
+        let ab = HashRead::Fields(vec![b(b"a"), b(b"b")]);
+        let HashLookup::Fill(t, mut first) = l.lookup_hash(b"h", &ab, true, &out()) else {
+            panic!()
+        };
+        // Covered by the HMGET in flight: they wait, each for its own reply.
+        let mut waits = Vec::new();
+        for (read, resp3) in [
+            (HashRead::Field(b(b"b")), false),
+            (HashRead::Fields(vec![b(b"b"), b(b"a"), b(b"b")]), true),
+            (ab.clone(), false),
+        ] {
+            let HashLookup::Wait(rx) = l.lookup_hash(b"h", &read, resp3, &out()) else {
+                panic!("{read:?} should wait")
+            };
+            waits.push(rx);
+        }
+        // Not covered: a fill of their own.
+        let HashLookup::Fill(t3, _) = l.lookup_hash(b"h", &HashRead::Field(b(b"c")), true, &out())
+        else {
+            panic!()
+        };
+        let HashLookup::Fill(t2, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
+            panic!()
+        };
+        // Covered by the HGETALL in flight.
+        let HashLookup::Wait(mut c) =
+            l.lookup_hash(b"h", &HashRead::Field(b(b"zz")), false, &out())
+        else {
+            panic!()
+        };
+        l.complete_hash(&k, t, &ab, Ok((b(b"*2\r\n$1\r\n1\r\n_\r\n"), -1)));
+        assert_eq!(
+            sent(&mut first).as_deref(),
+            Some(&b"*2\r\n$1\r\n1\r\n_\r\n"[..])
+        );
+        let got: Vec<_> = waits.iter_mut().map(|rx| sent(rx).unwrap()).collect();
+        assert_eq!(got[0], &b"$-1\r\n"[..]);
+        assert_eq!(got[1], &b"*3\r\n_\r\n$1\r\n1\r\n_\r\n"[..]);
+        assert_eq!(got[2], &b"*2\r\n$1\r\n1\r\n$-1\r\n"[..]);
+        let all = b(b"%1\r\n$1\r\na\r\n$1\r\n1\r\n");
+        l.complete_hash(&k, t2, &HashRead::All, Ok((all, -1)));
+        assert_eq!(sent(&mut c).as_deref(), Some(NIL_RESP2));
+        l.complete_hash(
+            &k,
+            t3,
+            &HashRead::Field(b(b"c")),
+            Ok((b(b"*1\r\n_\r\n"), -1)),
+        );
+        assert_eq!(l.stats.coalesced.load(Ordering::Relaxed), 4);
+        assert!(l.hpending.is_empty() && l.hwaiters.is_empty());
+        // A failure reaches every waiter.
+        let HashLookup::Fill(t, mut a) = l.lookup_hash(b"x", &ab, true, &out()) else {
+            panic!()
+        };
+        let HashLookup::Wait(mut w) = l.lookup_hash(b"x", &ab, true, &out()) else {
+            panic!()
+        };
+        l.complete_hash(&b(b"x"), t, &ab, Err(crate::upstream::UpError::Lost));
+        assert!(matches!(a.try_recv(), Ok(Err(_))));
+        assert!(matches!(w.try_recv(), Ok(Err(_))));
+        assert_eq!(l.entries(), 1);
     }
 
     #[test]
     fn an_invalidated_hash_fill_installs_nothing() {
         let l = l1();
         let a = HashRead::Field(b(b"a"));
-        let HashLookup::Fill(t1) = l.lookup_hash(b"h", &a, true) else {
+        let HashLookup::Fill(t1, mut rx) = l.lookup_hash(b"h", &a, true, &out()) else {
             panic!()
         };
         // Two fills of one hash in flight at once, both voided.
-        let HashLookup::Fill(t2) = l.lookup_hash(b"h", &HashRead::All, true) else {
+        let HashLookup::Fill(t2, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
             panic!()
         };
         l.invalidate(b"h");
         let k = b(b"h");
-        let r = l.complete_hash(&k, t1, &a, Some(&b(b"*1\r\n$1\r\n1\r\n")), -1, true);
+        l.complete_hash(&k, t1, &a, Ok((b(b"*1\r\n$1\r\n1\r\n"), -1)));
         assert_eq!(
-            r.as_deref(),
+            sent(&mut rx).as_deref(),
             Some(&b"$1\r\n1\r\n"[..]),
             "the client still gets its reply"
         );
-        l.complete_hash(&k, t2, &HashRead::All, Some(&b(b"%0\r\n")), -1, true);
+        l.complete_hash(&k, t2, &HashRead::All, Ok((b(b"%0\r\n"), -1)));
         assert_eq!(l.entries(), 0);
         assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 2);
         // A flush voids fills started before it.
-        let HashLookup::Fill(t) = l.lookup_hash(b"h", &a, true) else {
+        let HashLookup::Fill(t, _) = l.lookup_hash(b"h", &a, true, &out()) else {
             panic!()
         };
         l.flush();
-        l.complete_hash(&k, t, &a, Some(&b(b"*1\r\n$1\r\n1\r\n")), -1, true);
+        l.complete_hash(&k, t, &a, Ok((b(b"*1\r\n$1\r\n1\r\n"), -1)));
         assert_eq!(l.entries(), 0);
         // Errors and nonsense are handed on, never installed.
         for reply in [
@@ -1167,26 +1299,20 @@ mod tests {
             b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
             b"*1\r\n:1\r\n",
         ] {
-            let HashLookup::Fill(t) = l.lookup_hash(b"h", &a, true) else {
+            let HashLookup::Fill(t, mut rx) = l.lookup_hash(b"h", &a, true, &out()) else {
                 panic!()
             };
-            let r = l.complete_hash(&k, t, &a, Some(&Bytes::copy_from_slice(reply)), -1, true);
-            assert_eq!(r.as_deref(), Some(reply));
+            l.complete_hash(&k, t, &a, Ok((Bytes::copy_from_slice(reply), -1)));
+            assert_eq!(sent(&mut rx).as_deref(), Some(reply));
             assert_eq!(l.entries(), 0);
         }
-        let HashLookup::Fill(t) = l.lookup_hash(b"h", &HashRead::All, true) else {
+        let HashLookup::Fill(t, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
             panic!()
         };
-        l.complete_hash(
-            &k,
-            t,
-            &HashRead::All,
-            Some(&b(b"%1\r\n$1\r\na\r\n:1\r\n")),
-            -1,
-            true,
-        );
+        let bad = b(b"%1\r\n$1\r\na\r\n:1\r\n");
+        l.complete_hash(&k, t, &HashRead::All, Ok((bad, -1)));
         assert_eq!(l.entries(), 0);
-        assert!(l.hpending.is_empty());
+        assert!(l.hpending.is_empty() && l.hwaiters.is_empty());
     }
 
     #[test]
@@ -1197,20 +1323,16 @@ mod tests {
             ..L1Config::default()
         };
         let l = L1::new(&cfg).unwrap();
-        let value = |i: usize| {
-            Bytes::from(format!(
-                "*1\r\n$100\r\n{}\r\n",
-                "v".repeat(99) + &i.to_string()[..1]
-            ))
-        };
+        let value =
+            |i: usize| Bytes::from(format!("*1\r\n$100\r\n{}{}\r\n", "v".repeat(99), i % 10));
         // Fields accumulate until the next would pass the bound; then the
         // newcomers replace the rest.
         for i in 0..20 {
             let read = HashRead::Field(Bytes::from(format!("f{i}")));
-            let HashLookup::Fill(t) = l.lookup_hash(b"big", &read, true) else {
+            let HashLookup::Fill(t, _) = l.lookup_hash(b"big", &read, true, &out()) else {
                 panic!()
             };
-            l.complete_hash(&b(b"big"), t, &read, Some(&value(i)), -1, true);
+            l.complete_hash(&b(b"big"), t, &read, Ok((value(i), -1)));
             assert!(
                 l.bytes() as usize <= 1000 + 3 + crate::l1map::ENTRY_OVERHEAD,
                 "{i}"
@@ -1218,6 +1340,22 @@ mod tests {
             assert!(hit(&l, b"big", &read, true).is_some(), "{i}");
         }
         assert!(hit(&l, b"big", &HashRead::Field(b(b"f0")), true).is_none());
+        // A field read twice weighs once.
+        let twice = HashRead::Fields(vec![b(b"t"), b(b"t")]);
+        let before = l.bytes();
+        let HashLookup::Fill(t, _) = l.lookup_hash(b"w", &twice, true, &out()) else {
+            panic!()
+        };
+        l.complete_hash(
+            &b(b"w"),
+            t,
+            &twice,
+            Ok((b(b"*2\r\n$1\r\nv\r\n$1\r\nv\r\n"), -1)),
+        );
+        assert_eq!(
+            l.bytes() - before,
+            (1 + 1 + 7 + FIELD_OVERHEAD + crate::l1map::ENTRY_OVERHEAD) as u64
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! execute in the order the client sent them.
 
 use crate::ai::{self, AiCommand};
-use crate::cache::{FillRx, HashLookup, HashRead, L1, Lookup};
+use crate::cache::{HashLookup, HashRead, L1, Lookup};
 use crate::command::{self, Args, Class, Local};
 use crate::compress_cmd::{self as cz, Kind};
 use crate::resp::{self, Parse};
@@ -665,7 +665,7 @@ where
                 } else if l1_usable && let Some(read) = hash_read(id, &chunk, *start, &p.args) {
                     let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
                     let idx = id.unwrap_or_default();
-                    match l1.lookup_hash(&key, &read, self.resp3) {
+                    match l1.lookup_hash(&key, &read, self.resp3, &self.out) {
                         HashLookup::Hit(reply) => {
                             self.flush_run(&chunk, &mut run).await;
                             self.shared
@@ -674,12 +674,17 @@ where
                             self.reply(reply).await;
                             continue;
                         }
-                        HashLookup::Fill(token) => {
+                        HashLookup::Fill(token, rx) => {
                             self.flush_run(&chunk, &mut run).await;
-                            if let Some(rx) = self.start_hash_fill(key.clone(), read, token) {
+                            if self.start_hash_fill(key.clone(), read, token) {
                                 self.wait_fill_as(rx, idx, None, key).await;
                                 continue;
                             }
+                        }
+                        HashLookup::Wait(rx) => {
+                            self.flush_run(&chunk, &mut run).await;
+                            self.wait_fill_as(rx, idx, None, key).await;
+                            continue;
                         }
                         HashLookup::Bypass => {}
                     }
@@ -1555,39 +1560,39 @@ where
 
     /// Starts the L1 fill of a hash read (HGET, HMGET, HGETALL) that
     /// missed: the fields and the key's PTTL are read atomically on the
-    /// key's tracking connection, by a task of its own (which completes the
-    /// pending marker whatever this client does). None, marker completed,
-    /// when that connection is missing: the caller reads the fields itself.
-    fn start_hash_fill(&mut self, key: Bytes, read: HashRead, token: u64) -> Option<FillRx> {
+    /// key's tracking connection, by a task of its own, so its waiters are
+    /// answered even if this client goes away. False (waiters answered with
+    /// the error) when that connection is missing: the caller reads the
+    /// fields itself.
+    fn start_hash_fill(&mut self, key: Bytes, read: HashRead, token: u64) -> bool {
         let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
-            return None;
+            return false;
         };
-        let conn = up.tracking(&key);
         let mut b = BytesMut::with_capacity(64 + 2 * key.len());
         resp::encode_command(&[b"MULTI".as_slice()], &mut b);
         resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
         resp::encode_command(&read.fill_command(&key), &mut b);
         resp::encode_command(&[b"EXEC".as_slice()], &mut b);
-        let Some(rx) = conn.and_then(|c| c.send(b.freeze(), 4, None).ok()) else {
-            l1.complete_hash(&key, token, &read, None, -2, self.resp3);
-            return None;
+        let sent = match up.tracking(&key) {
+            Some(conn) => conn.send(b.freeze(), 4, None),
+            None => Err(UpError::Unavailable(
+                "L1 tracking connection missing".into(),
+            )),
         };
-        let (tx, waited) = oneshot::channel();
-        let shared = self.shared.clone();
-        let out = self.out.clone();
-        let resp3 = self.resp3;
-        tokio::spawn(async move {
-            let r = rx.await.unwrap_or(Err(UpError::Lost));
-            let r = finish_hash_fill(&shared, &key, token, &read, resp3, r);
-            // Owed to the client like an upstream reply until written.
-            if let Ok(reply) = &r {
-                out.add(reply.data.len());
+        match sent {
+            Ok(rx) => {
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    let r = rx.await.unwrap_or(Err(UpError::Lost));
+                    finish_hash_fill(&shared, &key, token, &read, r);
+                });
+                true
             }
-            if let Err(Ok(reply)) = tx.send(r) {
-                out.sub(reply.data.len());
+            Err(err) => {
+                l1.complete_hash(&key, token, &read, Err(err));
+                false
             }
-        });
-        Some(waited)
+        }
     }
 
     /// Queues the reply slot of a GET answered by a fill.
@@ -2388,50 +2393,33 @@ fn finish_fill(
     l1.complete(key, token, value.then_some(&frame), pttl, outcome);
 }
 
-/// Completes a hash fill (installs what is still valid) and makes the
-/// reply its client is shown.
+/// Completes a hash fill: installs what is still valid and answers its
+/// waiters.
 fn finish_hash_fill(
     shared: &Shared,
     key: &Bytes,
     token: u64,
     read: &HashRead,
-    resp3: bool,
     r: Result<crate::upstream::Reply, UpError>,
-) -> crate::cache::FillResult {
+) {
     let Some(l1) = shared.l1.as_ref() else {
-        return r;
+        return;
     };
-    let reply = match r {
-        Ok(reply) => reply,
-        Err(e) => {
-            l1.complete_hash(key, token, read, None, -2, resp3);
-            return Err(e);
-        }
-    };
-    let data = match crate::cache::split_fill_reply(&reply.data) {
-        Ok((pttl, frame)) => {
-            let frame = if shared.rt.compression.load(Ordering::Relaxed) {
-                let d = match read {
-                    HashRead::All => cz::Decode::Pairs,
-                    _ => cz::Decode::Array,
-                };
-                let codec = shared.config().compression.codec();
-                cz::decode_reply(&d, frame, &codec, &shared.metrics.compression)
-            } else {
-                frame
+    let outcome = r.map(|reply| match crate::cache::split_fill_reply(&reply.data) {
+        Ok((pttl, frame)) if shared.rt.compression.load(Ordering::Relaxed) => {
+            let d = match read {
+                HashRead::All => cz::Decode::Pairs,
+                _ => cz::Decode::Array,
             };
-            l1.complete_hash(key, token, read, Some(&frame), pttl, resp3)
-                .unwrap_or(frame)
+            let codec = shared.config().compression.codec();
+            let frame = cz::decode_reply(&d, frame, &codec, &shared.metrics.compression);
+            (frame, pttl)
         }
-        Err(frame) => {
-            l1.complete_hash(key, token, read, None, -2, resp3);
-            frame
-        }
-    };
-    Ok(crate::upstream::Reply {
-        errors: (data.first() == Some(&b'-')) as u64,
-        data,
-    })
+        Ok((pttl, frame)) => (frame, pttl),
+        // A failed transaction: its error is the reply, nothing installs.
+        Err(frame) => (frame, -2),
+    });
+    l1.complete_hash(key, token, read, outcome);
 }
 
 /// The hash read L1 may answer for this request: HGET, HMGET or HGETALL

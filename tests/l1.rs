@@ -1136,3 +1136,84 @@ fn hash_reads_are_not_answered_with_a_write_pipelined_after_them() {
         assert_eq!(String::from_utf8_lossy(&r.read_reply()), after(i));
     }
 }
+
+#[test]
+fn concurrent_hash_misses_coalesce_into_one_read() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg("coldh")
+        .arg(&["a", "1", "b", "2"])
+        .query(&mut direct)
+        .unwrap();
+    let mut warm = proxy.conn();
+    let _: () = redis::cmd("PING").query(&mut warm).unwrap();
+    let conns: Vec<redis::Connection> = (0..20).map(|_| proxy.conn()).collect();
+    let before = hash_calls(&redis);
+    let sleeper = std::thread::spawn(move || {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("1")
+            .query(&mut direct)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // The first reader's HGETALL is in flight before the others ask, so
+    // each of theirs (whatever it reads) waits for it.
+    let mut conns = conns.into_iter();
+    let mut first = conns.next().unwrap();
+    let first = std::thread::spawn(move || {
+        let v: Vec<String> = redis::cmd("HGETALL")
+            .arg("coldh")
+            .query(&mut first)
+            .unwrap();
+        v
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let readers: Vec<_> = conns
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || -> Vec<Option<String>> {
+                match i % 3 {
+                    0 => vec![
+                        redis::cmd("HGET")
+                            .arg("coldh")
+                            .arg("a")
+                            .query(&mut c)
+                            .unwrap(),
+                    ],
+                    1 => redis::cmd("HMGET")
+                        .arg("coldh")
+                        .arg(&["b", "zz", "a"])
+                        .query(&mut c)
+                        .unwrap(),
+                    _ => {
+                        let v: Vec<String> =
+                            redis::cmd("HGETALL").arg("coldh").query(&mut c).unwrap();
+                        v.into_iter().map(Some).collect()
+                    }
+                }
+            })
+        })
+        .collect();
+    assert_eq!(first.join().unwrap(), ["a", "1", "b", "2"]);
+    for (i, r) in readers.into_iter().enumerate() {
+        let want: Vec<Option<String>> = match i % 3 {
+            0 => vec![Some("1".into())],
+            1 => vec![Some("2".into()), None, Some("1".into())],
+            _ => ["a", "1", "b", "2"].map(|s| Some(s.into())).to_vec(),
+        };
+        assert_eq!(r.join().unwrap(), want, "reader {i}");
+    }
+    sleeper.join().unwrap();
+    assert_eq!(hash_calls(&redis) - before, 1, "misses were not coalesced");
+    assert!(l1_stat(&mut warm, "coalesced_misses") >= 19);
+    let v: Option<String> = redis::cmd("HGET")
+        .arg("coldh")
+        .arg("b")
+        .query(&mut warm)
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("2"));
+    assert_eq!(hash_calls(&redis) - before, 1);
+}
