@@ -20,7 +20,7 @@ fn setup(n: usize, size: usize) -> std::sync::Arc<L1> {
     let out = std::sync::Arc::new(respite::upstream::OutBytes::default());
     for i in 0..n {
         let key = format!("key:{i:06}");
-        if let Lookup::Fill(t, _) = l1.lookup(key.as_bytes(), &out, None) {
+        if let Lookup::Fill(t, _) = l1.lookup(0, key.as_bytes(), &out, None) {
             let outcome = Ok(respite::upstream::Reply {
                 data: frame.clone(),
                 errors: 0,
@@ -51,7 +51,7 @@ fn hit(c: &mut Criterion) {
                 i = (i + 7919) % 10_000;
                 dst.clear();
                 matches!(
-                    l1.lookup(black_box(&keys[i]), &out, Some(&mut dst)),
+                    l1.lookup(0, black_box(&keys[i]), &out, Some(&mut dst)),
                     Lookup::Copied(_) | Lookup::Hit(_)
                 )
             })
@@ -80,7 +80,7 @@ fn hit(c: &mut Criterion) {
                 let _ = command::classify(&view, id);
                 use respite::command::Args;
                 matches!(
-                    l1.lookup(view.arg(1).unwrap(), &out, Some(&mut dst)),
+                    l1.lookup(0, view.arg(1).unwrap(), &out, Some(&mut dst)),
                     Lookup::Copied(_) | Lookup::Hit(_)
                 )
             })

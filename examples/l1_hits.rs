@@ -28,7 +28,7 @@ fn hits(l1: &L1, keys: &[Vec<u8>], n: usize) -> usize {
     for _ in 0..n {
         i = (i + 7919) % keys.len();
         dst.clear();
-        match l1.lookup(black_box(&keys[i]), &out, Some(&mut dst)) {
+        match l1.lookup(0, black_box(&keys[i]), &out, Some(&mut dst)) {
             Lookup::Copied(n) => hit += black_box(&dst).len().min(n),
             Lookup::Hit(f) => hit += black_box(f).len(),
             _ => {}
@@ -57,7 +57,7 @@ fn requests(l1: &L1, reqs: &[Vec<u8>], n: usize) -> usize {
         let id = command::lookup(&view);
         black_box(command::classify(&view, id));
         dst.clear();
-        match l1.lookup(view.arg(1).unwrap_or_default(), &out, Some(&mut dst)) {
+        match l1.lookup(0, view.arg(1).unwrap_or_default(), &out, Some(&mut dst)) {
             Lookup::Copied(n) => hit += black_box(&dst).len().min(n),
             Lookup::Hit(f) => hit += black_box(f).len(),
             _ => {}
@@ -86,7 +86,7 @@ fn main() {
         .collect();
     let out = Arc::new(OutBytes::default());
     for k in &keys {
-        if let Lookup::Fill(t, _) = l1.lookup(k, &out, None) {
+        if let Lookup::Fill(t, _) = l1.lookup(0, k, &out, None) {
             let outcome = Ok(Reply {
                 data: frame.clone(),
                 errors: 0,
@@ -97,7 +97,7 @@ fn main() {
     // Warm up (outside the counted functions): caches and the allocator
     // settle after the inserts.
     for k in keys.iter().cycle().take(20_000) {
-        black_box(l1.lookup(k, &out, None));
+        black_box(l1.lookup(0, k, &out, None));
     }
     let reqs: Vec<Vec<u8>> = keys
         .iter()

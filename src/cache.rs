@@ -1,10 +1,10 @@
 //! L1: the in-process near cache.
 //!
-//! Entries are keyed by the key (L1 only serves sessions on the upstream's
-//! own db; sessions that SELECT another db are pinned and never consult
-//! it) and hold either the reply frame of GET or the fields of a hash that
-//! HGET, HMGET and HGETALL read (one entry per hash, so one invalidation
-//! of the key drops every field). Coherence rests on three rules:
+//! Entries are keyed by (db, key) and hold either the reply frame of GET
+//! or the fields of a hash that HGET, HMGET and HGETALL read (one entry per
+//! hash, so one invalidation of the key drops every field). Redis' tracking
+//! names keys without their db, so an invalidation removes the key from
+//! every db. Coherence rests on three rules:
 //!
 //! 1. Fills are read over RESP3 connections with `CLIENT TRACKING ON`, routed
 //!    by key hash, so every read of a key and every invalidation Redis sends
@@ -248,6 +248,7 @@ pub enum HashLookup {
 struct HashPending {
     token: u64,
     since: Instant,
+    db: u32,
     read: HashRead,
 }
 
@@ -258,7 +259,11 @@ type HashWaiter = (HashRead, bool, FillTx);
 struct Pending {
     token: u64,
     since: Instant,
+    db: u32,
 }
+
+/// Dbs past this are not cached (`L1::dbs` is a bit set of them).
+const MAX_DB: u32 = 64;
 
 /// Hits up to this size are copied into the session's output buffer while
 /// the shard is held; larger ones are shared (a copy would hold the shard
@@ -320,6 +325,10 @@ pub struct L1 {
     /// Tokens issued before this value belong to fills started before the
     /// last flush.
     epoch: AtomicU64,
+    /// The dbs entries were ever installed for, one bit each: an
+    /// invalidation names a key, not its db (Redis' tracking table has no
+    /// dbs), so it removes the key from each of them.
+    dbs: AtomicU64,
     /// False while a tracking connection is missing: no hits, no fills.
     valid: AtomicBool,
     /// Tracking was refused (or mode is "ttl"): entries live at most
@@ -366,6 +375,7 @@ impl L1 {
             waiters: DashMap::new(),
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
+            dbs: AtomicU64::new(0),
             valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             max_ttl,
@@ -384,14 +394,15 @@ impl L1 {
     /// (`Copied`) instead of being handed out as a `Bytes`.
     pub fn lookup(
         &self,
+        db: u32,
         key: &[u8],
         out: &Arc<crate::upstream::OutBytes>,
         dst: Option<&mut Vec<u8>>,
     ) -> Lookup {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
             return Lookup::Bypass;
         }
-        let found = self.map.get_with(key, Instant::now(), |e| {
+        let found = self.map.get_with(db, key, Instant::now(), |e| {
             let Entry::Frame(frame) = e else {
                 return None;
             };
@@ -411,6 +422,13 @@ impl L1 {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = (tx, out.clone());
         match self.pending.entry(Bytes::copy_from_slice(key)) {
+            // The same key of another db (one marker per key name): read
+            // without filling, a rare case.
+            dashmap::Entry::Occupied(o)
+                if o.get().db != db && o.get().since.elapsed() <= STALE_PENDING =>
+            {
+                Lookup::Bypass
+            }
             dashmap::Entry::Occupied(o) if o.get().since.elapsed() <= STALE_PENDING => {
                 // Registered while the marker's lock is held (see `waiters`).
                 self.waiters.entry(o.get().token).or_default().push(tx);
@@ -426,6 +444,7 @@ impl L1 {
                 e.insert(Pending {
                     token,
                     since: Instant::now(),
+                    db,
                 });
                 Lookup::Fill(token, rx)
             }
@@ -434,8 +453,8 @@ impl L1 {
 
     /// The entry's frame unless it outlived its deadline (its key's PTTL
     /// or `max_ttl`).
-    fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.found(self.map.get_with(key, Instant::now(), |e| match e {
+    fn get(&self, db: u32, key: &[u8]) -> Option<Bytes> {
+        self.found(self.map.get_with(db, key, Instant::now(), |e| match e {
             Entry::Frame(f) => Some(f.clone()),
             Entry::Hash(_) => None,
         }))
@@ -455,7 +474,10 @@ impl L1 {
     /// `l1.include` / `l1.exclude`. The defaults ("*", nothing excluded)
     /// are settled at startup: walking the lists cost about 40 instructions
     /// per hit, for an answer that never changes.
-    fn cacheable(&self, key: &[u8]) -> bool {
+    fn cacheable(&self, db: u32, key: &[u8]) -> bool {
+        if db >= MAX_DB {
+            return false;
+        }
         if self.all_keys {
             return true;
         }
@@ -467,11 +489,11 @@ impl L1 {
     }
 
     /// A hit without starting a fill (MGET: hits are served, misses fetched).
-    pub fn peek(&self, key: &[u8]) -> Option<Bytes> {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
+    pub fn peek(&self, db: u32, key: &[u8]) -> Option<Bytes> {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
             return None;
         }
-        match self.get(key) {
+        match self.get(db, key) {
             Some(frame) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(frame)
@@ -550,9 +572,11 @@ impl L1 {
         };
         let mut installed = false;
         if let (true, Some(frame)) = (installable, frame) {
+            let db = marker.get().db;
+            self.dbs.fetch_or(1 << db, Ordering::AcqRel);
             let ev = self
                 .map
-                .insert(key, Entry::Frame(frame.clone()), deadline, now);
+                .insert(db, key, Entry::Frame(frame.clone()), deadline, now);
             installed = self.count_install(&ev);
         } else if frame.is_some() && !current {
             self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
@@ -584,15 +608,16 @@ impl L1 {
     /// happens.
     pub fn lookup_hash(
         &self,
+        db: u32,
         key: &[u8],
         read: &HashRead,
         resp3: bool,
         out: &Arc<crate::upstream::OutBytes>,
     ) -> HashLookup {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(key) {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
             return HashLookup::Bypass;
         }
-        let found = self.map.get_with(key, Instant::now(), |e| match e {
+        let found = self.map.get_with(db, key, Instant::now(), |e| match e {
             Entry::Hash(h) => h.answer(read, resp3),
             Entry::Frame(_) => None,
         });
@@ -610,7 +635,7 @@ impl L1 {
         // Registered while the marker's lock is held (see `waiters`).
         if let Some(p) = marker
             .iter()
-            .find(|p| p.read.covers(read) && p.since.elapsed() <= STALE_PENDING)
+            .find(|p| p.db == db && p.read.covers(read) && p.since.elapsed() <= STALE_PENDING)
         {
             self.hwaiters.entry(p.token).or_default().push(waiter);
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -621,6 +646,7 @@ impl L1 {
         marker.push(HashPending {
             token,
             since: Instant::now(),
+            db,
             read: read.clone(),
         });
         HashLookup::Fill(token, rx)
@@ -648,7 +674,8 @@ impl L1 {
         let mut marker = None;
         if let dashmap::Entry::Occupied(mut m) = self.hpending.entry(key.clone()) {
             if let Some(at) = m.get().iter().position(|p| p.token == token) {
-                since = Some(m.get_mut().swap_remove(at).since);
+                let p = m.get_mut().swap_remove(at);
+                since = Some((p.since, p.db));
                 // Fills whose session vanished before completing them.
                 m.get_mut().retain(|p| p.since.elapsed() <= STALE_PENDING);
             }
@@ -677,8 +704,8 @@ impl L1 {
             })
             .collect();
         match (since, fresh, &outcome) {
-            (Some(since), Some(h), Ok((frame, pttl))) => {
-                self.install_hash(key, token, h, since, *pttl, frame.len())
+            (Some((since, db)), Some(h), Ok((frame, pttl))) => {
+                self.install_hash(db, key, token, h, since, *pttl, frame.len())
             }
             (None, _, Ok(_)) => {
                 self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
@@ -701,8 +728,10 @@ impl L1 {
     }
 
     /// Merges a hash fill into the key's entry (see `HashFields::merge`).
+    #[allow(clippy::too_many_arguments)]
     fn install_hash(
         &self,
+        db: u32,
         key: &Bytes,
         token: u64,
         fresh: HashFields,
@@ -722,7 +751,8 @@ impl L1 {
             return;
         }
         let limit = self.max_value_bytes;
-        let ev = self.map.upsert(key, now, |cur| {
+        self.dbs.fetch_or(1 << db, Ordering::AcqRel);
+        let ev = self.map.upsert(db, key, now, |cur| {
             Some(match cur {
                 Some((Entry::Hash(h), d)) => (Entry::Hash(h.merge(fresh, limit)), d.min(deadline)),
                 _ => (Entry::Hash(fresh), deadline),
@@ -740,11 +770,16 @@ impl L1 {
         }
     }
 
-    /// Forgets a key: its entry and any fill in flight.
+    /// Forgets a key, in every db: its entries and any fill in flight.
     pub fn invalidate(&self, key: &[u8]) {
         self.pending.remove(key);
         self.hpending.remove(key);
-        self.map.remove(key);
+        let mut dbs = self.dbs.load(Ordering::Acquire);
+        while dbs != 0 {
+            let db = dbs.trailing_zeros();
+            self.map.remove(db, key);
+            dbs &= dbs - 1;
+        }
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -854,47 +889,70 @@ impl L1 {
     }
 }
 
-/// Splits the reply to `MULTI; PTTL k; GET k; EXEC` (RESP3) into the key's
-/// PTTL and the GET reply frame as the client must see it. `None` when the
-/// transaction failed (the error frame is then in the second field).
-pub fn split_fill_reply(data: &[u8]) -> Result<(i64, Bytes), Bytes> {
+/// The transaction a fill sends on a tracking connection, whose db is
+/// `base`: the key's PTTL and the read (`read`, its arguments), atomically.
+/// A key of another db is read between SELECTs, which leave the connection
+/// in `base` again. Returns the bytes and the number of replies to expect.
+pub fn fill_request(db: u32, base: u32, key: &[u8], read: &[&[u8]]) -> (Bytes, u32) {
+    use crate::resp::encode_command;
+    let mut b = bytes::BytesMut::with_capacity(96 + 2 * key.len());
+    encode_command(&[&b"MULTI"[..]], &mut b);
+    let other = db != base;
+    if other {
+        encode_command(&[&b"SELECT"[..], db.to_string().as_bytes()], &mut b);
+    }
+    encode_command(&[&b"PTTL"[..], key], &mut b);
+    encode_command(read, &mut b);
+    if other {
+        encode_command(&[&b"SELECT"[..], base.to_string().as_bytes()], &mut b);
+    }
+    encode_command(&[&b"EXEC"[..]], &mut b);
+    (b.freeze(), if other { 6 } else { 4 })
+}
+
+/// Splits the reply to a [`fill_request`] (RESP3; `selected`: it had the
+/// SELECTs) into the key's PTTL and the read's reply frame. `Err` when the
+/// transaction failed, with the error frame to show.
+pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Bytes> {
     let err = |d: &[u8]| Bytes::copy_from_slice(d);
+    let malformed = || err(b"-ERR respite: malformed fill reply\r\n");
     let mut sc = crate::resp::FrameScanner::new();
-    let mut pos = 0;
-    // +OK, +QUEUED, +QUEUED
-    for _ in 0..3 {
-        match sc.next_frame(&data[pos..]) {
-            Ok(Some(end)) => {
-                if data[pos] == b'-' {
-                    return Err(err(&data[pos..pos + end]));
-                }
-                pos += end;
-                sc.reset();
-            }
-            _ => return Err(err(b"-ERR respite: malformed fill reply\r\n")),
+    let mut next = |pos: usize| match sc.next_frame(&data[pos..]) {
+        Ok(Some(end)) => {
+            sc.reset();
+            Some(pos + end)
         }
+        _ => None,
+    };
+    let mut pos = 0;
+    // +OK, then +QUEUED for each command.
+    for _ in 0..if selected { 5 } else { 3 } {
+        let end = next(pos).ok_or_else(malformed)?;
+        if data[pos] == b'-' {
+            return Err(err(&data[pos..end]));
+        }
+        pos = end;
     }
     let exec = &data[pos..];
     if exec.first() != Some(&b'*') {
         // -EXECABORT or a null array: pass the frame on as the reply.
         return Err(err(exec));
     }
-    let hdr_end = exec
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|i| i + 1)
-        .unwrap_or(exec.len());
-    let rest = &exec[hdr_end..];
-    let Some(line_end) = rest.iter().position(|&b| b == b'\r') else {
-        return Err(err(b"-ERR respite: malformed fill reply\r\n"));
+    let Some(hdr) = exec.iter().position(|&b| b == b'\n') else {
+        return Err(malformed());
     };
-    let pttl = if rest.first() == Some(&b':') {
-        crate::resp::parse_int(&rest[1..line_end]).unwrap_or(-2)
-    } else {
-        -2
+    let mut pos = pos + hdr + 1;
+    if selected {
+        // The first SELECT's +OK.
+        pos = next(pos).ok_or_else(malformed)?;
+    }
+    let pttl_end = next(pos).ok_or_else(malformed)?;
+    let pttl = match data[pos] {
+        b':' => crate::resp::parse_int(&data[pos + 1..pttl_end - 2]).unwrap_or(-2),
+        _ => -2,
     };
-    let value = &rest[line_end + 2..];
-    Ok((pttl, Bytes::copy_from_slice(value)))
+    let end = next(pttl_end).ok_or_else(malformed)?;
+    Ok((pttl, Bytes::copy_from_slice(&data[pttl_end..end])))
 }
 
 #[cfg(test)]
@@ -924,21 +982,21 @@ mod tests {
     fn fill_then_hit_then_invalidate() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         assert!(l.complete(&k, t, Some(&frame), -1, ok()));
-        assert!(matches!(l.lookup(b"k", &out(), None), Lookup::Hit(f) if f == frame));
+        assert!(matches!(l.lookup(0, b"k", &out(), None), Lookup::Hit(f) if f == frame));
         l.invalidate(b"k");
-        assert!(l.peek(b"k").is_none());
+        assert!(l.peek(0, b"k").is_none());
     }
 
     #[test]
     fn small_hits_are_copied_large_ones_shared() {
         let l = l1();
         for (key, size) in [(&b"small"[..], 100), (&b"large"[..], COPY_MAX + 1)] {
-            let Lookup::Fill(t, _) = l.lookup(key, &out(), None) else {
+            let Lookup::Fill(t, _) = l.lookup(0, key, &out(), None) else {
                 panic!()
             };
             let frame = Bytes::from(vec![b'v'; size]);
@@ -947,13 +1005,13 @@ mod tests {
         }
         let mut dst = b"before".to_vec();
         assert!(matches!(
-            l.lookup(b"small", &out(), Some(&mut dst)),
+            l.lookup(0, b"small", &out(), Some(&mut dst)),
             Lookup::Copied(100)
         ));
         assert_eq!(dst.len(), 106);
         assert!(dst[6..].iter().all(|&b| b == b'v'));
         assert!(matches!(
-            l.lookup(b"large", &out(), Some(&mut dst)),
+            l.lookup(0, b"large", &out(), Some(&mut dst)),
             Lookup::Hit(f) if f.len() == COPY_MAX + 1
         ));
         assert_eq!(dst.len(), 106);
@@ -964,26 +1022,26 @@ mod tests {
     fn keys_longer_than_the_inline_key_work_the_same() {
         let l = l1();
         let long = vec![b'k'; 100];
-        let Lookup::Fill(t, _) = l.lookup(&long, &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, &long, &out(), None) else {
             panic!()
         };
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         assert!(l.complete(&Bytes::from(long.clone()), t, Some(&frame), -1, ok()));
-        assert!(matches!(l.lookup(&long, &out(), None), Lookup::Hit(f) if f == frame));
-        assert!(l.peek(&long[..99]).is_none());
+        assert!(matches!(l.lookup(0, &long, &out(), None), Lookup::Hit(f) if f == frame));
+        assert!(l.peek(0, &long[..99]).is_none());
         l.invalidate(&long);
-        assert!(l.peek(&long).is_none());
+        assert!(l.peek(0, &long).is_none());
     }
 
     #[test]
     fn invalidation_during_fill_discards_it() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         // A second miss while the fill is in flight waits for it.
-        let Lookup::Wait(mut rx) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Wait(mut rx) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         l.invalidate(b"k");
@@ -998,7 +1056,7 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().unwrap().data, old);
         assert!(l.waiters.is_empty());
         assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 1);
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         l.flush();
@@ -1009,29 +1067,29 @@ mod tests {
     fn ttl_follows_redis_and_missing_keys_are_cached_as_nil() {
         let l = l1();
         let k = Bytes::from_static(b"k");
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), 30, ok()));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(l.peek(b"k").is_none(), "outlived its PTTL");
+        assert!(l.peek(0, b"k").is_none(), "outlived its PTTL");
         assert_eq!(l.stats.evicted_expired.load(Ordering::Relaxed), 1);
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         // A missing key's nil (as the RESP3 tracking connection reads it)
         // is cached until max_ttl or an invalidation; a RESP2 null frame
         // with PTTL -2 never reaches here, and is not installed.
         assert!(!l.complete(&k, t, Some(&Bytes::from_static(b"$-1\r\n")), -2, ok()));
-        let Lookup::Fill(t, _) = l.lookup(b"k", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"k", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(NIL)), -2, ok()));
-        assert_eq!(l.peek(b"k").as_deref(), Some(NIL));
+        assert_eq!(l.peek(0, b"k").as_deref(), Some(NIL));
         assert_eq!(&for_client(Bytes::from_static(NIL), false)[..], b"$-1\r\n");
         assert_eq!(&for_client(Bytes::from_static(NIL), true)[..], NIL);
         l.invalidate(b"k");
-        assert!(l.peek(b"k").is_none());
+        assert!(l.peek(0, b"k").is_none());
     }
 
     #[test]
@@ -1045,15 +1103,15 @@ mod tests {
         let frame = Bytes::from_static(b"$1\r\nv\r\n");
         // No PTTL, and a PTTL longer than max_ttl: both end at max_ttl.
         for (k, pttl) in [(&b"a"[..], -1), (&b"b"[..], 60_000)] {
-            let Lookup::Fill(t, _) = l.lookup(k, &out(), None) else {
+            let Lookup::Fill(t, _) = l.lookup(0, k, &out(), None) else {
                 panic!()
             };
             assert!(l.complete(&Bytes::copy_from_slice(k), t, Some(&frame), pttl, ok()));
-            assert!(matches!(l.lookup(k, &out(), None), Lookup::Hit(_)));
+            assert!(matches!(l.lookup(0, k, &out(), None), Lookup::Hit(_)));
         }
         std::thread::sleep(Duration::from_millis(80));
-        assert!(l.peek(b"a").is_none());
-        assert!(l.peek(b"b").is_none(), "outlived max_ttl");
+        assert!(l.peek(0, b"a").is_none());
+        assert!(l.peek(0, b"b").is_none(), "outlived max_ttl");
     }
 
     #[test]
@@ -1066,12 +1124,15 @@ mod tests {
         };
         let l = L1::new(&cfg).unwrap();
         assert!(matches!(
-            l.lookup(b"user:1", &out(), None),
+            l.lookup(0, b"user:1", &out(), None),
             Lookup::Fill(..)
         ));
-        assert!(matches!(l.lookup(b"other", &out(), None), Lookup::Bypass));
         assert!(matches!(
-            l.lookup(b"user:secret:x", &out(), None),
+            l.lookup(0, b"other", &out(), None),
+            Lookup::Bypass
+        ));
+        assert!(matches!(
+            l.lookup(0, b"user:secret:x", &out(), None),
             Lookup::Bypass
         ));
     }
@@ -1080,34 +1141,49 @@ mod tests {
     fn pushes() {
         let l = l1();
         let k = Bytes::from_static(b"a");
-        let Lookup::Fill(t, _) = l.lookup(b"a", &out(), None) else {
+        let Lookup::Fill(t, _) = l.lookup(0, b"a", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));
         l.on_push(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n");
-        assert!(l.peek(b"a").is_none());
-        let Lookup::Fill(t, _) = l.lookup(b"a", &out(), None) else {
+        assert!(l.peek(0, b"a").is_none());
+        let Lookup::Fill(t, _) = l.lookup(0, b"a", &out(), None) else {
             panic!()
         };
         assert!(l.complete(&k, t, Some(&Bytes::from_static(b"$1\r\nv\r\n")), -1, ok()));
         l.on_push(b">2\r\n$10\r\ninvalidate\r\n_\r\n");
-        assert!(l.peek(b"a").is_none());
+        assert!(l.peek(0, b"a").is_none());
     }
 
     #[test]
     fn fill_reply_parsing() {
+        let split = |d: &[u8]| split_fill_reply(d, false);
         let (pttl, v) =
-            split_fill_reply(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1500\r\n$3\r\nabc\r\n").unwrap();
+            split(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1500\r\n$3\r\nabc\r\n").unwrap();
         assert_eq!((pttl, &v[..]), (1500, &b"$3\r\nabc\r\n"[..]));
-        let (pttl, v) =
-            split_fill_reply(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:-2\r\n_\r\n").unwrap();
+        let (pttl, v) = split(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:-2\r\n_\r\n").unwrap();
         assert_eq!((pttl, &v[..]), (-2, &b"_\r\n"[..]));
-        let (_, v) = split_fill_reply(
+        let (_, v) = split(
             b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:-1\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
         )
         .unwrap();
         assert!(v.starts_with(b"-WRONGTYPE"));
-        assert!(split_fill_reply(b"-ERR x\r\n+QUEUED\r\n+QUEUED\r\n-EXECABORT y\r\n").is_err());
+        assert!(split(b"-ERR x\r\n+QUEUED\r\n+QUEUED\r\n-EXECABORT y\r\n").is_err());
+        // A key of another db: read between SELECTs.
+        let (req, n) = fill_request(3, 0, b"k", &[b"GET", b"k"]);
+        assert_eq!(n, 6);
+        assert_eq!(
+            &req[..],
+            &b"*1\r\n$5\r\nMULTI\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*2\r\n$4\r\nPTTL\r\n$1\r\nk\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n*1\r\n$4\r\nEXEC\r\n"[..]
+        );
+        assert_eq!(fill_request(2, 2, b"k", &[b"GET", b"k"]).1, 4);
+        let q = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n";
+        let ok = [&q[..], b"*4\r\n+OK\r\n:-1\r\n*2\r\n$1\r\na\r\n_\r\n+OK\r\n"].concat();
+        let (pttl, v) = split_fill_reply(&ok, true).unwrap();
+        assert_eq!((pttl, &v[..]), (-1, &b"*2\r\n$1\r\na\r\n_\r\n"[..]));
+        let short = [&q[..], b"*4\r\n+OK\r\n:-1\r\n"].concat();
+        assert!(split_fill_reply(&short, true).is_err());
+        assert!(split_fill_reply(&q[..], true).is_err());
     }
 
     fn b(s: &'static [u8]) -> Bytes {
@@ -1122,7 +1198,7 @@ mod tests {
     /// A hash read that misses, filled with `frame`; the reply its client
     /// (RESP2) was sent.
     fn hash_fill(l: &L1, key: &[u8], read: &HashRead, frame: &'static [u8]) -> Option<Bytes> {
-        let HashLookup::Fill(t, mut rx) = l.lookup_hash(key, read, false, &out()) else {
+        let HashLookup::Fill(t, mut rx) = l.lookup_hash(0, key, read, false, &out()) else {
             panic!("expected a miss")
         };
         let k = Bytes::copy_from_slice(key);
@@ -1131,7 +1207,7 @@ mod tests {
     }
 
     fn hit(l: &L1, key: &[u8], read: &HashRead, resp3: bool) -> Option<Bytes> {
-        match l.lookup_hash(key, read, resp3, &out()) {
+        match l.lookup_hash(0, key, read, resp3, &out()) {
             HashLookup::Hit(r) => Some(r),
             HashLookup::Fill(t, _) => {
                 // Leave no marker behind.
@@ -1188,7 +1264,7 @@ mod tests {
         // A later field read keeps the whole hash as it is.
         assert!(hash_fill(&l, b"h2", &a, b"*1\r\n$1\r\n1\r\n").is_some());
         // GET does not take a hash's entry for its own, nor the reverse.
-        assert!(matches!(l.lookup(b"h", &out(), None), Lookup::Fill(..)));
+        assert!(matches!(l.lookup(0, b"h", &out(), None), Lookup::Fill(..)));
         // An invalidation drops every field.
         l.invalidate(b"h");
         assert!(hit(&l, b"h", &a, true).is_none());
@@ -1202,7 +1278,7 @@ mod tests {
         let l = l1();
         let k = b(b"h");
         let ab = HashRead::Fields(vec![b(b"a"), b(b"b")]);
-        let HashLookup::Fill(t, mut first) = l.lookup_hash(b"h", &ab, true, &out()) else {
+        let HashLookup::Fill(t, mut first) = l.lookup_hash(0, b"h", &ab, true, &out()) else {
             panic!()
         };
         // Covered by the HMGET in flight: they wait, each for its own reply.
@@ -1212,22 +1288,23 @@ mod tests {
             (HashRead::Fields(vec![b(b"b"), b(b"a"), b(b"b")]), true),
             (ab.clone(), false),
         ] {
-            let HashLookup::Wait(rx) = l.lookup_hash(b"h", &read, resp3, &out()) else {
+            let HashLookup::Wait(rx) = l.lookup_hash(0, b"h", &read, resp3, &out()) else {
                 panic!("{read:?} should wait")
             };
             waits.push(rx);
         }
         // Not covered: a fill of their own.
-        let HashLookup::Fill(t3, _) = l.lookup_hash(b"h", &HashRead::Field(b(b"c")), true, &out())
+        let HashLookup::Fill(t3, _) =
+            l.lookup_hash(0, b"h", &HashRead::Field(b(b"c")), true, &out())
         else {
             panic!()
         };
-        let HashLookup::Fill(t2, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
+        let HashLookup::Fill(t2, _) = l.lookup_hash(0, b"h", &HashRead::All, true, &out()) else {
             panic!()
         };
         // Covered by the HGETALL in flight.
         let HashLookup::Wait(mut c) =
-            l.lookup_hash(b"h", &HashRead::Field(b(b"zz")), false, &out())
+            l.lookup_hash(0, b"h", &HashRead::Field(b(b"zz")), false, &out())
         else {
             panic!()
         };
@@ -1252,10 +1329,10 @@ mod tests {
         assert_eq!(l.stats.coalesced.load(Ordering::Relaxed), 4);
         assert!(l.hpending.is_empty() && l.hwaiters.is_empty());
         // A failure reaches every waiter.
-        let HashLookup::Fill(t, mut a) = l.lookup_hash(b"x", &ab, true, &out()) else {
+        let HashLookup::Fill(t, mut a) = l.lookup_hash(0, b"x", &ab, true, &out()) else {
             panic!()
         };
-        let HashLookup::Wait(mut w) = l.lookup_hash(b"x", &ab, true, &out()) else {
+        let HashLookup::Wait(mut w) = l.lookup_hash(0, b"x", &ab, true, &out()) else {
             panic!()
         };
         l.complete_hash(&b(b"x"), t, &ab, Err(crate::upstream::UpError::Lost));
@@ -1268,11 +1345,11 @@ mod tests {
     fn an_invalidated_hash_fill_installs_nothing() {
         let l = l1();
         let a = HashRead::Field(b(b"a"));
-        let HashLookup::Fill(t1, mut rx) = l.lookup_hash(b"h", &a, true, &out()) else {
+        let HashLookup::Fill(t1, mut rx) = l.lookup_hash(0, b"h", &a, true, &out()) else {
             panic!()
         };
         // Two fills of one hash in flight at once, both voided.
-        let HashLookup::Fill(t2, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
+        let HashLookup::Fill(t2, _) = l.lookup_hash(0, b"h", &HashRead::All, true, &out()) else {
             panic!()
         };
         l.invalidate(b"h");
@@ -1287,7 +1364,7 @@ mod tests {
         assert_eq!(l.entries(), 0);
         assert_eq!(l.stats.discarded_fills.load(Ordering::Relaxed), 2);
         // A flush voids fills started before it.
-        let HashLookup::Fill(t, _) = l.lookup_hash(b"h", &a, true, &out()) else {
+        let HashLookup::Fill(t, _) = l.lookup_hash(0, b"h", &a, true, &out()) else {
             panic!()
         };
         l.flush();
@@ -1299,14 +1376,14 @@ mod tests {
             b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
             b"*1\r\n:1\r\n",
         ] {
-            let HashLookup::Fill(t, mut rx) = l.lookup_hash(b"h", &a, true, &out()) else {
+            let HashLookup::Fill(t, mut rx) = l.lookup_hash(0, b"h", &a, true, &out()) else {
                 panic!()
             };
             l.complete_hash(&k, t, &a, Ok((Bytes::copy_from_slice(reply), -1)));
             assert_eq!(sent(&mut rx).as_deref(), Some(reply));
             assert_eq!(l.entries(), 0);
         }
-        let HashLookup::Fill(t, _) = l.lookup_hash(b"h", &HashRead::All, true, &out()) else {
+        let HashLookup::Fill(t, _) = l.lookup_hash(0, b"h", &HashRead::All, true, &out()) else {
             panic!()
         };
         let bad = b(b"%1\r\n$1\r\na\r\n:1\r\n");
@@ -1329,7 +1406,7 @@ mod tests {
         // newcomers replace the rest.
         for i in 0..20 {
             let read = HashRead::Field(Bytes::from(format!("f{i}")));
-            let HashLookup::Fill(t, _) = l.lookup_hash(b"big", &read, true, &out()) else {
+            let HashLookup::Fill(t, _) = l.lookup_hash(0, b"big", &read, true, &out()) else {
                 panic!()
             };
             l.complete_hash(&b(b"big"), t, &read, Ok((value(i), -1)));
@@ -1343,7 +1420,7 @@ mod tests {
         // A field read twice weighs once.
         let twice = HashRead::Fields(vec![b(b"t"), b(b"t")]);
         let before = l.bytes();
-        let HashLookup::Fill(t, _) = l.lookup_hash(b"w", &twice, true, &out()) else {
+        let HashLookup::Fill(t, _) = l.lookup_hash(0, b"w", &twice, true, &out()) else {
             panic!()
         };
         l.complete_hash(

@@ -52,6 +52,8 @@ impl Weigh for Bytes {
 
 struct Slot<V> {
     key: Key,
+    /// The Redis db the key lives in.
+    db: u32,
     value: V,
     hash: u64,
     /// The earlier of the key's own expiry in Redis and `max_ttl`.
@@ -271,6 +273,17 @@ impl<V: Weigh> L1Map<V> {
         }
     }
 
+    /// A key's hash in its db. Db 0's is the key's own: the common case
+    /// pays nothing for the others.
+    fn hash(&self, db: u32, key: &[u8]) -> u64 {
+        let h = self.hasher.hash_one(key);
+        if db == 0 {
+            h
+        } else {
+            h ^ (db as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        }
+    }
+
     fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard<V>> {
         // hashbrown takes its bucket from the low bits and its 7-bit tag
         // from the top ones: the shard comes from the middle, so keys of
@@ -288,10 +301,16 @@ impl<V: Weigh> L1Map<V> {
     /// (an atomic on a line other threads' hits also write). `f` answers
     /// None when the value cannot serve this read (another command's
     /// entry for the key): a miss, which counts nothing.
-    pub fn get_with<R>(&self, key: &[u8], now: Instant, f: impl FnOnce(&V) -> Option<R>) -> Get<R> {
-        let hash = self.hasher.hash_one(key);
+    pub fn get_with<R>(
+        &self,
+        db: u32,
+        key: &[u8],
+        now: Instant,
+        f: impl FnOnce(&V) -> Option<R>,
+    ) -> Get<R> {
+        let hash = self.hash(db, key);
         let mut sh = self.shard(hash);
-        let Some(i) = sh.find(hash, key) else {
+        let Some(i) = sh.find(hash, db, key) else {
             sh.sketch.record(hash);
             return Get::Miss;
         };
@@ -320,8 +339,15 @@ impl<V: Weigh> L1Map<V> {
     /// Installs `value` for `key` until `deadline`, replacing any entry of
     /// the key. A value too heavy for a shard is not stored, and the key's
     /// older entry is removed all the same: the caller meant to replace it.
-    pub fn insert(&self, key: &[u8], value: V, deadline: Instant, now: Instant) -> Evicted {
-        self.upsert(key, now, |_| Some((value, deadline)))
+    pub fn insert(
+        &self,
+        db: u32,
+        key: &[u8],
+        value: V,
+        deadline: Instant,
+        now: Instant,
+    ) -> Evicted {
+        self.upsert(db, key, now, |_| Some((value, deadline)))
     }
 
     /// Replaces the key's entry with what `make` builds from it (the
@@ -330,14 +356,15 @@ impl<V: Weigh> L1Map<V> {
     /// `make` answering None leaves the key without an entry.
     pub fn upsert(
         &self,
+        db: u32,
         key: &[u8],
         now: Instant,
         make: impl FnOnce(Option<(V, Instant)>) -> Option<(V, Instant)>,
     ) -> Evicted {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(db, key);
         let mut sh = self.shard(hash);
         // A key already held is refreshed, not admitted anew.
-        let (resident, current) = match sh.find(hash, key) {
+        let (resident, current) = match sh.find(hash, db, key) {
             Some(i) => {
                 let slot = sh.remove_at(i).expect("indexed slot is occupied");
                 (
@@ -390,6 +417,7 @@ impl<V: Weigh> L1Map<V> {
         }
         let slot = Slot {
             key: Key::from_slice(key),
+            db,
             value,
             hash,
             deadline,
@@ -412,10 +440,10 @@ impl<V: Weigh> L1Map<V> {
         ev
     }
 
-    pub fn remove(&self, key: &[u8]) -> bool {
-        let hash = self.hasher.hash_one(key);
+    pub fn remove(&self, db: u32, key: &[u8]) -> bool {
+        let hash = self.hash(db, key);
         let mut sh = self.shard(hash);
-        match sh.find(hash, key) {
+        match sh.find(hash, db, key) {
             Some(i) => {
                 sh.remove_at(i);
                 true
@@ -462,13 +490,13 @@ fn slot_hash<V>(slots: &[Option<Slot<V>>], i: u32) -> u64 {
 }
 
 impl<V> Shard<V> {
-    fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
+    fn find(&self, hash: u64, db: u32, key: &[u8]) -> Option<usize> {
         let slots = &self.slots;
         self.table
             .find(hash, |&i| {
                 slots[i as usize]
                     .as_ref()
-                    .is_some_and(|s| s.key.as_slice() == key)
+                    .is_some_and(|s| s.db == db && s.key.as_slice() == key)
             })
             .map(|&i| i as usize)
     }
@@ -527,7 +555,7 @@ mod tests {
 
     impl L1Map<Bytes> {
         fn get(&self, key: &[u8], now: Instant) -> Get<Bytes> {
-            self.get_with(key, now, |f| Some(f.clone()))
+            self.get_with(0, key, now, |f| Some(f.clone()))
         }
     }
 
@@ -536,14 +564,14 @@ mod tests {
         let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
         let now = Instant::now();
         assert!(matches!(m.get(b"k", now), Get::Miss));
-        m.insert(b"k", frame(3), later(), now);
+        m.insert(0, b"k", frame(3), later(), now);
         assert!(matches!(m.get(b"k", now), Get::Hit(f) if f.len() == 3));
-        m.insert(b"k", frame(5), later(), now);
+        m.insert(0, b"k", frame(5), later(), now);
         assert!(matches!(m.get(b"k", now), Get::Hit(f) if f.len() == 5));
         assert_eq!(m.entries(), 1);
         assert_eq!(m.bytes(), (1 + 5 + ENTRY_OVERHEAD) as u64);
-        assert!(m.remove(b"k"));
-        assert!(!m.remove(b"k"));
+        assert!(m.remove(0, b"k"));
+        assert!(!m.remove(0, b"k"));
         assert!(matches!(m.get(b"k", now), Get::Miss));
         assert_eq!((m.entries(), m.bytes()), (0, 0));
     }
@@ -552,7 +580,7 @@ mod tests {
     fn entries_end_at_their_deadline() {
         let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
         let now = Instant::now();
-        m.insert(b"k", frame(1), now + Duration::from_millis(5), now);
+        m.insert(0, b"k", frame(1), now + Duration::from_millis(5), now);
         assert!(matches!(m.get(b"k", now), Get::Hit(_)));
         assert!(matches!(
             m.get(b"k", now + Duration::from_millis(5)),
@@ -565,7 +593,7 @@ mod tests {
     /// the fill's insert.
     fn fill(m: &L1Map<Bytes>, key: &[u8], n: usize, deadline: Instant, now: Instant) -> Evicted {
         assert!(!matches!(m.get(key, now), Get::Hit(_)));
-        m.insert(key, frame(n), deadline, now)
+        m.insert(0, key, frame(n), deadline, now)
     }
 
     #[test]
@@ -675,7 +703,7 @@ mod tests {
         for _ in 0..6 {
             assert!(matches!(m.get(b"hot", now), Get::Miss));
         }
-        m.insert(b"hot", frame(1000), later(), now);
+        m.insert(0, b"hot", frame(1000), later(), now);
         for _ in 0..2 {
             assert!(matches!(m.get(b"big", now), Get::Miss));
         }
@@ -723,8 +751,8 @@ mod tests {
     fn too_heavy_replaces_by_removing() {
         let m = L1Map::<Bytes>::new(4096, 1024);
         let now = Instant::now();
-        m.insert(b"k", frame(10), later(), now);
-        m.insert(b"k", frame(5000), later(), now);
+        m.insert(0, b"k", frame(10), later(), now);
+        m.insert(0, b"k", frame(5000), later(), now);
         assert!(matches!(m.get(b"k", now), Get::Miss));
         assert_eq!(m.bytes(), 0);
     }
@@ -735,10 +763,10 @@ mod tests {
         let now = Instant::now();
         for round in 0..3 {
             for i in 0..100 {
-                m.insert(format!("k{i}").as_bytes(), frame(10), later(), now);
+                m.insert(0, format!("k{i}").as_bytes(), frame(10), later(), now);
             }
             for i in 0..100 {
-                assert!(m.remove(format!("k{i}").as_bytes()), "round {round}");
+                assert!(m.remove(0, format!("k{i}").as_bytes()), "round {round}");
             }
         }
         let slots: usize = m
@@ -747,7 +775,7 @@ mod tests {
             .map(|s| s.0.lock().unwrap().slots.len())
             .sum();
         assert!(slots <= 100 + m.shard_count(), "{slots} slots for 100 keys");
-        m.insert(b"x", frame(1), later(), now);
+        m.insert(0, b"x", frame(1), later(), now);
         m.clear();
         assert_eq!((m.entries(), m.bytes()), (0, 0));
     }

@@ -54,6 +54,9 @@ enum Post {
     /// Show the client only the first reply: the rest answer commands the
     /// proxy appended (the HELLO 3 after a RESP3 client's AUTH).
     First,
+    /// A SELECT on a connection pinned by SELECTs only: its `+OK` tells
+    /// the db L1 serves this client from.
+    Select(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +195,13 @@ pub struct Session<W> {
     db: u32,
     conn: Option<Conn>,
     pinned: Option<(Conn, crate::upstream::Detach)>,
+    /// The pinned connection holds no state but its db (only SELECTs
+    /// pinned it): L1 may still serve this client, from `sel_db`.
+    pin_select_only: bool,
+    /// The pinned connection's db, as its last answered SELECT left it.
+    sel_db: u32,
+    /// SELECTs sent and not answered: the db is unknown meanwhile.
+    sel_pending: usize,
     /// Reply slots in request order.
     queue: std::collections::VecDeque<Out>,
     cap: usize,
@@ -281,6 +291,9 @@ where
         db,
         conn: None,
         pinned: None,
+        pin_select_only: false,
+        sel_db: db,
+        sel_pending: 0,
         queue: std::collections::VecDeque::new(),
         cap,
         wr,
@@ -561,6 +574,7 @@ where
             // session's fill may have read the key just before it), and a
             // client must read its own writes.
             let l1_usable = self.l1_usable();
+            let db = self.l1_db().unwrap_or_default();
             if let (Some(l1), false) = (&l1, p.inline) {
                 if id == *GET_ID && p.args.len() == 2 && l1_usable {
                     // With nothing ahead of it, a hit goes straight into
@@ -577,7 +591,7 @@ where
                         self.wbuf.reserve(crate::cache::COPY_MAX);
                     }
                     let dst = direct.then_some(&mut self.wbuf);
-                    match l1.lookup(view.arg(1).unwrap_or_default(), &self.out, dst) {
+                    match l1.lookup(db, view.arg(1).unwrap_or_default(), &self.out, dst) {
                         Lookup::Copied(mut n) => {
                             if !self.resp3 && n == 3 && self.wbuf.ends_with(crate::cache::NIL) {
                                 self.wbuf.truncate(self.wbuf.len() - 3);
@@ -609,7 +623,7 @@ where
                             // takes its slot first.
                             self.flush_run(&chunk, &mut run).await;
                             let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
-                            if self.start_fill(key.clone(), token) {
+                            if self.start_fill(db, key.clone(), token) {
                                 self.wait_fill(rx, key).await;
                             } else {
                                 let raw = chunk.slice(*start..*start + p.len);
@@ -631,7 +645,7 @@ where
                     let resp3 = self.resp3;
                     let slots: Vec<Option<Bytes>> = (1..p.args.len())
                         .map(|i| {
-                            l1.peek(view.arg(i).unwrap_or_default())
+                            l1.peek(db, view.arg(i).unwrap_or_default())
                                 .map(|f| crate::cache::for_client(f, resp3))
                         })
                         .collect();
@@ -665,7 +679,7 @@ where
                 } else if l1_usable && let Some(read) = hash_read(id, &chunk, *start, &p.args) {
                     let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
                     let idx = id.unwrap_or_default();
-                    match l1.lookup_hash(&key, &read, self.resp3, &self.out) {
+                    match l1.lookup_hash(db, &key, &read, self.resp3, &self.out) {
                         HashLookup::Hit(reply) => {
                             self.flush_run(&chunk, &mut run).await;
                             self.shared
@@ -676,7 +690,7 @@ where
                         }
                         HashLookup::Fill(token, rx) => {
                             self.flush_run(&chunk, &mut run).await;
-                            if self.start_hash_fill(key.clone(), read, token) {
+                            if self.start_hash_fill(db, key.clone(), read, token) {
                                 self.wait_fill_as(rx, idx, None, key).await;
                                 continue;
                             }
@@ -985,6 +999,9 @@ where
                 if writes {
                     self.writes_in_flight -= 1;
                 }
+                if matches!(post, Post::Select(_)) {
+                    self.sel_pending -= 1;
+                }
                 if matches!(post, Post::Waited { .. }) {
                     self.fill_keys.pop_front();
                     self.fills_answered = self.fills_answered.saturating_sub(1);
@@ -1056,6 +1073,12 @@ where
                                 data
                             }
                             Post::Mget(slots) => merge_mget(slots, reply.data),
+                            Post::Select(n) => {
+                                if &reply.data[..] == b"+OK\r\n" {
+                                    self.sel_db = n;
+                                }
+                                reply.data
+                            }
                             Post::Replace(b) => b,
                             Post::First => first_frame(reply.data),
                             Post::Decode(d) => {
@@ -1529,7 +1552,7 @@ where
     /// of its own, so the waiters of the fill are answered even if this
     /// client goes away. False (waiters answered with an error) when that
     /// connection is missing: the caller reads the key itself.
-    fn start_fill(&mut self, key: Bytes, token: u64) -> bool {
+    fn start_fill(&mut self, db: u32, key: Bytes, token: u64) -> bool {
         let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
             return false;
         };
@@ -1538,17 +1561,14 @@ where
             l1.complete(&key, token, None, -2, Err(err));
             return false;
         };
-        let mut b = BytesMut::with_capacity(64 + 2 * key.len());
-        resp::encode_command(&[b"MULTI".as_slice()], &mut b);
-        resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
-        resp::encode_command(&[b"GET".as_slice(), &key], &mut b);
-        resp::encode_command(&[b"EXEC".as_slice()], &mut b);
-        match conn.send(b.freeze(), 4, None) {
+        let selected = db != up.url.db;
+        let (req, replies) = crate::cache::fill_request(db, up.url.db, &key, &[b"GET", &key]);
+        match conn.send(req, replies, None) {
             Ok(rx) => {
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
                     let r = rx.await.unwrap_or(Err(UpError::Lost));
-                    finish_fill(&shared, &key, token, r);
+                    finish_fill(&shared, &key, token, selected, r);
                 });
             }
             Err(err) => {
@@ -1564,17 +1584,16 @@ where
     /// answered even if this client goes away. False (waiters answered with
     /// the error) when that connection is missing: the caller reads the
     /// fields itself.
-    fn start_hash_fill(&mut self, key: Bytes, read: HashRead, token: u64) -> bool {
+    fn start_hash_fill(&mut self, db: u32, key: Bytes, read: HashRead, token: u64) -> bool {
         let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
             return false;
         };
-        let mut b = BytesMut::with_capacity(64 + 2 * key.len());
-        resp::encode_command(&[b"MULTI".as_slice()], &mut b);
-        resp::encode_command(&[b"PTTL".as_slice(), &key], &mut b);
-        resp::encode_command(&read.fill_command(&key), &mut b);
-        resp::encode_command(&[b"EXEC".as_slice()], &mut b);
+        let selected = db != up.url.db;
+        let cmd = read.fill_command(&key);
+        let cmd: Vec<&[u8]> = cmd.iter().map(|b| &b[..]).collect();
+        let (req, replies) = crate::cache::fill_request(db, up.url.db, &key, &cmd);
         let sent = match up.tracking(&key) {
-            Some(conn) => conn.send(b.freeze(), 4, None),
+            Some(conn) => conn.send(req, replies, None),
             None => Err(UpError::Unavailable(
                 "L1 tracking connection missing".into(),
             )),
@@ -1584,7 +1603,7 @@ where
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
                     let r = rx.await.unwrap_or(Err(UpError::Lost));
-                    finish_hash_fill(&shared, &key, token, &read, r);
+                    finish_hash_fill(&shared, &key, token, &read, selected, r);
                 });
                 true
             }
@@ -1624,23 +1643,32 @@ where
     }
 
     /// Whether this client's reads may use L1: not while a write of its own
-    /// is in flight (or batched), nor on a pinned (SELECTed, transaction)
-    /// connection.
+    /// is in flight (or batched), nor on a pinned connection that holds
+    /// more state than its db (a transaction, other credentials, ...).
     fn l1_usable(&self) -> bool {
-        !self.run_writes && self.writes_in_flight == 0 && self.pinned.is_none()
+        !self.run_writes && self.writes_in_flight == 0 && self.l1_db().is_some()
+    }
+
+    /// The db this client's reads are of, when L1 may know it.
+    fn l1_db(&self) -> Option<u32> {
+        match &self.pinned {
+            None => Some(self.db),
+            Some(_) if self.pin_select_only && self.sel_pending == 0 => Some(self.sel_db),
+            Some(_) => None,
+        }
     }
 
     /// AI.GET from L1, as GET is served (hit, fill, or wait for a fill).
     /// False when L1 cannot answer it: the caller reads the key itself.
     async fn ai_get_from_l1(&mut self, idx: usize, key: &str, post: &AiPost) -> bool {
-        if !self.l1_usable() {
+        let (true, Some(db)) = (self.l1_usable(), self.l1_db()) else {
             return false;
-        }
+        };
         let Some(l1) = self.shared.l1.clone().filter(|l| l.is_valid()) else {
             return false;
         };
         let key = Bytes::copy_from_slice(key.as_bytes());
-        match l1.lookup(&key, &self.out, None) {
+        match l1.lookup(db, &key, &self.out, None) {
             Lookup::Hit(frame) => {
                 let frame = crate::cache::for_client(frame, self.resp3);
                 post.record(&frame, &self.shared.metrics.ai);
@@ -1651,7 +1679,7 @@ where
                 true
             }
             Lookup::Fill(token, rx) => {
-                if !self.start_fill(key.clone(), token) {
+                if !self.start_fill(db, key.clone(), token) {
                     return false;
                 }
                 self.wait_fill_as(rx, idx, Some(post.clone()), key).await;
@@ -1784,9 +1812,14 @@ where
     /// would be refused with NOAUTH before the client's own credentials
     /// could reach Redis.
     async fn pin_with(&mut self, resp3: bool) -> bool {
+        // Whatever pins (or is sent on) the connection now may change more
+        // than its db: L1 is done with this client while it stays pinned
+        // (a SELECT sets this back when it alone pinned).
+        self.pin_select_only = false;
         if self.pinned.is_some() {
             return true;
         }
+        self.sel_db = self.db;
         let Backend::Upstream(up) = &self.shared.backend else {
             return false;
         };
@@ -1882,8 +1915,18 @@ where
                 } else if self.pinned.is_none() && want == Some(self.db as i64) {
                     resp::simple(&mut out, "OK");
                 } else {
+                    let select_only =
+                        (self.pinned.is_none() || self.pin_select_only) && !self.in_multi;
                     if self.pin().await {
-                        self.forward(raw, vec![idx as u16], Post::None).await;
+                        self.pin_select_only = select_only;
+                        let post = match want.and_then(|n| u32::try_from(n).ok()) {
+                            Some(n) if select_only => {
+                                self.sel_pending += 1;
+                                Post::Select(n)
+                            }
+                            _ => Post::None,
+                        };
+                        self.forward(raw, vec![idx as u16], post).await;
                     }
                     return Flow::Continue;
                 }
@@ -2346,6 +2389,7 @@ fn finish_fill(
     shared: &Shared,
     key: &Bytes,
     token: u64,
+    selected: bool,
     r: Result<crate::upstream::Reply, UpError>,
 ) {
     let Some(l1) = shared.l1.as_ref() else {
@@ -2358,7 +2402,7 @@ fn finish_fill(
             return;
         }
     };
-    let (pttl, frame, read) = match crate::cache::split_fill_reply(&reply.data) {
+    let (pttl, frame, read) = match crate::cache::split_fill_reply(&reply.data, selected) {
         Ok((pttl, frame)) => {
             // L1 holds what clients see (decoded). Measured (release, this
             // 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a decode
@@ -2400,25 +2444,28 @@ fn finish_hash_fill(
     key: &Bytes,
     token: u64,
     read: &HashRead,
+    selected: bool,
     r: Result<crate::upstream::Reply, UpError>,
 ) {
     let Some(l1) = shared.l1.as_ref() else {
         return;
     };
-    let outcome = r.map(|reply| match crate::cache::split_fill_reply(&reply.data) {
-        Ok((pttl, frame)) if shared.rt.compression.load(Ordering::Relaxed) => {
-            let d = match read {
-                HashRead::All => cz::Decode::Pairs,
-                _ => cz::Decode::Array,
-            };
-            let codec = shared.config().compression.codec();
-            let frame = cz::decode_reply(&d, frame, &codec, &shared.metrics.compression);
-            (frame, pttl)
-        }
-        Ok((pttl, frame)) => (frame, pttl),
-        // A failed transaction: its error is the reply, nothing installs.
-        Err(frame) => (frame, -2),
-    });
+    let outcome = r.map(
+        |reply| match crate::cache::split_fill_reply(&reply.data, selected) {
+            Ok((pttl, frame)) if shared.rt.compression.load(Ordering::Relaxed) => {
+                let d = match read {
+                    HashRead::All => cz::Decode::Pairs,
+                    _ => cz::Decode::Array,
+                };
+                let codec = shared.config().compression.codec();
+                let frame = cz::decode_reply(&d, frame, &codec, &shared.metrics.compression);
+                (frame, pttl)
+            }
+            Ok((pttl, frame)) => (frame, pttl),
+            // A failed transaction: its error is the reply, nothing installs.
+            Err(frame) => (frame, -2),
+        },
+    );
     l1.complete_hash(key, token, read, outcome);
 }
 

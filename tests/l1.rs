@@ -1217,3 +1217,110 @@ fn concurrent_hash_misses_coalesce_into_one_read() {
     assert_eq!(v.as_deref(), Some("2"));
     assert_eq!(hash_calls(&redis) - before, 1);
 }
+
+#[test]
+fn l1_serves_every_db_a_client_selects_and_keeps_them_apart() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = redis.conn();
+    for (db, v) in [(0, "zero"), (1, "one"), (2, "two")] {
+        let _: () = redis::cmd("SELECT").arg(db).query(&mut direct).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg(v)
+            .query(&mut direct)
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg("h")
+            .arg("f")
+            .arg(v)
+            .query(&mut direct)
+            .unwrap();
+    }
+    let mut zero = proxy.raw();
+    let mut r = proxy.raw();
+    let get = |r: &mut Raw, cmd: &[&[u8]]| -> String {
+        r.send(&cmd_bytes(cmd));
+        String::from_utf8_lossy(&r.read_reply()).into_owned()
+    };
+    assert_eq!(get(&mut zero, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    assert_eq!(get(&mut r, &[b"SELECT", b"1"]), "+OK\r\n");
+    for _ in 0..2 {
+        assert_eq!(get(&mut r, &[b"GET", b"k"]), "$3\r\none\r\n");
+        assert_eq!(get(&mut r, &[b"HGET", b"h", b"f"]), "$3\r\none\r\n");
+        assert_eq!(get(&mut zero, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    }
+    // Hits in db 1 too: more reads reach Redis no more.
+    let (gets, hash) = (redis.calls("get"), hash_calls(&redis));
+    for _ in 0..10 {
+        assert_eq!(get(&mut r, &[b"GET", b"k"]), "$3\r\none\r\n");
+        assert_eq!(get(&mut r, &[b"HGET", b"h", b"f"]), "$3\r\none\r\n");
+        assert_eq!(
+            get(&mut r, &[b"MGET", b"k", b"k"]),
+            "*2\r\n$3\r\none\r\n$3\r\none\r\n"
+        );
+    }
+    assert_eq!((redis.calls("get"), hash_calls(&redis)), (gets, hash));
+    // A direct write in db 1 reaches the entry of db 1 (the invalidation
+    // names the key only: db 0's entry goes too, and is read again).
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut direct).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("one2")
+        .query(&mut direct)
+        .unwrap();
+    let t = Instant::now();
+    while get(&mut r, &[b"GET", b"k"]) != "$4\r\none2\r\n" {
+        assert!(t.elapsed() < Duration::from_millis(50), "db 1 stale");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(get(&mut zero, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    // Own writes in the selected db, pipelined with reads.
+    let mut batch = cmd_bytes(&[b"SET", b"k", b"mine"]);
+    batch.extend(cmd_bytes(&[b"GET", b"k"]));
+    r.send(&batch);
+    assert_eq!(r.read_reply(), b"+OK\r\n");
+    assert_eq!(r.read_reply(), b"$4\r\nmine\r\n");
+    assert_eq!(get(&mut zero, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    // SELECTs pipelined with reads: each read is of the db before it.
+    let mut batch = Vec::new();
+    for db in [&b"2"[..], b"0", b"1", b"2"] {
+        batch.extend(cmd_bytes(&[b"SELECT", db]));
+        batch.extend(cmd_bytes(&[b"GET", b"k"]));
+        batch.extend(cmd_bytes(&[b"HGET", b"h", b"f"]));
+    }
+    r.send(&batch);
+    for v in ["two", "zero", "mine", "two"] {
+        assert_eq!(r.read_reply(), b"+OK\r\n");
+        let want = format!("${}\r\n{v}\r\n", v.len());
+        assert_eq!(String::from_utf8_lossy(&r.read_reply()), want);
+        let want = if v == "mine" {
+            "one".to_string()
+        } else {
+            v.to_string()
+        };
+        assert_eq!(
+            String::from_utf8_lossy(&r.read_reply()),
+            format!("${}\r\n{want}\r\n", want.len())
+        );
+    }
+    // A refused SELECT leaves the db as it was.
+    assert!(get(&mut r, &[b"SELECT", b"99"]).starts_with("-ERR"));
+    assert!(get(&mut r, &[b"SELECT", b"x"]).starts_with("-ERR"));
+    assert_eq!(get(&mut r, &[b"GET", b"k"]), "$3\r\ntwo\r\n");
+    // Once a transaction pinned the connection, reads go to Redis (its
+    // state is more than a db), still of the right db.
+    assert_eq!(get(&mut r, &[b"MULTI"]), "+OK\r\n");
+    assert_eq!(get(&mut r, &[b"EXEC"]), "*0\r\n");
+    let gets = redis.calls("get");
+    assert_eq!(get(&mut r, &[b"GET", b"k"]), "$3\r\ntwo\r\n");
+    assert_eq!(get(&mut r, &[b"SELECT", b"1"]), "+OK\r\n");
+    assert_eq!(get(&mut r, &[b"GET", b"k"]), "$4\r\nmine\r\n");
+    assert_eq!(redis.calls("get"), gets + 2);
+    // RESET: back to the upstream's db, through L1.
+    assert_eq!(get(&mut r, &[b"RESET"]), "+RESET\r\n");
+    assert_eq!(get(&mut r, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    let gets = redis.calls("get");
+    assert_eq!(get(&mut r, &[b"GET", b"k"]), "$4\r\nzero\r\n");
+    assert_eq!(redis.calls("get"), gets);
+}
