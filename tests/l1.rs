@@ -521,6 +521,45 @@ fn coherence_checker(duration: Duration) {
             n
         }));
     }
+    // The same key names in db 1, far behind db 0's: a read of the wrong
+    // db would show as a version going backwards (or the wrong final one).
+    {
+        let stop1 = stop.clone();
+        let port = p2.port;
+        writers.push(std::thread::spawn(move || {
+            let stop = stop1;
+            let mut c = conn_to(port);
+            let _: () = redis::cmd("SELECT").arg(1).query(&mut c).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let k = format!("ver:{}", n as usize % KEYS);
+                let _: i64 = redis::cmd("INCR").arg(&k).query(&mut c).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            n
+        }));
+        let stop2 = stop.clone();
+        let port = p1.port;
+        writers.push(std::thread::spawn(move || {
+            let stop = stop2;
+            let mut c = conn_to(port);
+            let _: () = redis::cmd("SELECT").arg(1).query(&mut c).unwrap();
+            let mut last = [0i64; KEYS];
+            while !stop.load(Ordering::Relaxed) {
+                for (k, seen) in last.iter_mut().enumerate() {
+                    let v: Option<i64> = redis::cmd("GET")
+                        .arg(format!("ver:{k}"))
+                        .query(&mut c)
+                        .unwrap();
+                    let v = v.unwrap_or(0);
+                    assert!(v >= *seen, "db 1 ver:{k} went backwards: {seen} then {v}");
+                    *seen = v;
+                }
+            }
+            0
+        }));
+    }
     let mut readers = Vec::new();
     for r in 0..4 {
         let stop = stop.clone();
@@ -635,6 +674,14 @@ fn coherence_checker(duration: Duration) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        let _: () = redis::cmd("SELECT").arg(1).query(&mut direct).unwrap();
+        let _: () = redis::cmd("SELECT").arg(1).query(&mut c).unwrap();
+        for k in 0..KEYS {
+            let key = format!("ver:{k}");
+            let want: Option<String> = redis::cmd("GET").arg(&key).query(&mut direct).unwrap();
+            visible_within(&mut c, &key, want.as_deref(), Duration::from_millis(100));
+        }
+        let _: () = redis::cmd("SELECT").arg(0).query(&mut direct).unwrap();
         let hits = l1_stat(&mut c, "hits");
         assert!(hits > 0, "the checker never exercised L1 hits");
     }
