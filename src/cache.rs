@@ -44,21 +44,18 @@ pub struct L1Stats {
 pub enum Entry {
     /// GET's reply: the value's RESP3 bulk string (decoded), or `_`.
     Frame(Bytes),
-    Hash(HashFields),
+    /// Boxed, so a slot weighs no more than a frame's.
+    Hash(Box<HashFields>),
 }
 
 impl Weigh for Entry {
     fn weight(&self) -> usize {
         match self {
             Entry::Frame(f) => f.len(),
-            Entry::Hash(h) => h.weight,
+            Entry::Hash(h) => h.weight(),
         }
     }
 }
-
-/// What one cached field costs beyond its name and frame bytes: its slot
-/// in the field table and the two shared-buffer handles.
-const FIELD_OVERHEAD: usize = 80;
 
 /// Fields of one hash as HGET, HMGET and HGETALL read them: a field's
 /// frame is its value's RESP3 bulk string (decoded), or `_` for a field
@@ -70,12 +67,22 @@ pub struct HashFields {
     /// every field of the hash (slices of this frame), and a field not in
     /// it does not exist.
     all: Option<Bytes>,
-    weight: usize,
+    /// Bytes of the buffers the fields point into: names and frames, or
+    /// HGETALL's reply.
+    bytes: usize,
 }
 
 impl HashFields {
+    /// What it holds, all told: the buffers, the field table's allocation
+    /// (two buffer handles per field, and spare capacity) and itself.
+    fn weight(&self) -> usize {
+        self.bytes + self.fields.allocation_size() + std::mem::size_of::<HashFields>()
+    }
+
     /// What a fill of `read` brought (its reply decoded, RESP3); None when
-    /// the reply is no answer to it (an error, WRONGTYPE included).
+    /// the reply is no answer to it (an error, WRONGTYPE included). Names
+    /// are copied: the request's are slices of the client's read buffer,
+    /// which an entry must not keep alive.
     fn from_fill(read: &HashRead, frame: &Bytes) -> Option<HashFields> {
         let elems = crate::resp::elements(frame)?;
         let mut h = HashFields::default();
@@ -83,15 +90,15 @@ impl HashFields {
             if frame.first() != Some(&b'%') {
                 return None;
             }
-            h.weight = frame.len();
+            h.fields.reserve(elems.len() / 2);
             for pair in elems.chunks_exact(2) {
                 let name = crate::resp::bulk_payload(&pair[0])?;
                 if pair[1].first() != Some(&b'$') {
                     return None;
                 }
                 h.fields.insert(pair[0].slice_ref(name), pair[1].clone());
-                h.weight += FIELD_OVERHEAD;
             }
+            h.bytes = frame.len();
             h.all = Some(frame.clone());
             return Some(h);
         }
@@ -103,7 +110,7 @@ impl HashFields {
             if f.first() != Some(&b'$') && f[..] != NIL[..] {
                 return None;
             }
-            h.add(name.clone(), f);
+            h.add(Bytes::copy_from_slice(name), f);
         }
         Some(h)
     }
@@ -112,8 +119,8 @@ impl HashFields {
         let (name_len, frame_len) = (name.len(), frame.len());
         match self.fields.insert(name, frame) {
             // A name already held (HMGET k f f) weighs once.
-            Some(old) => self.weight = self.weight + frame_len - old.len(),
-            None => self.weight += name_len + frame_len + FIELD_OVERHEAD,
+            Some(old) => self.bytes = self.bytes + frame_len - old.len(),
+            None => self.bytes += name_len + frame_len,
         }
     }
 
@@ -121,54 +128,37 @@ impl HashFields {
     /// invalidation of the key since (it would have removed the entry, or
     /// voided the fill), so both hold now. A whole hash already read stays
     /// as it is; past `limit` bytes, `fresh` alone.
-    fn merge(mut self, fresh: HashFields, limit: usize) -> HashFields {
+    fn merge(mut self: Box<Self>, fresh: Box<HashFields>, limit: usize) -> Box<HashFields> {
         if self.all.is_some() || fresh.all.is_some() {
             return if self.all.is_some() { self } else { fresh };
         }
-        if self.weight + fresh.weight > limit {
+        if self.weight() + fresh.weight() > limit {
             return fresh;
         }
-        for (name, f) in fresh.fields {
+        let HashFields { fields, .. } = *fresh;
+        for (name, f) in fields {
             self.add(name, f);
         }
         self
     }
 
     /// A field's frame, `_` for one known not to exist; None: not known.
-    fn field(&self, name: &[u8]) -> Option<&[u8]> {
+    fn field(&self, name: &[u8]) -> Option<Bytes> {
         match self.fields.get(name) {
-            Some(f) => Some(f),
-            None if self.all.is_some() => Some(NIL),
+            Some(f) => Some(f.clone()),
+            None if self.all.is_some() => Some(Bytes::from_static(NIL)),
             None => None,
         }
     }
 
-    /// The reply to `read` for a client of `resp3` or not, if this holds
-    /// all it asks for.
-    fn answer(&self, read: &HashRead, resp3: bool) -> Option<Bytes> {
-        let one = |f: &[u8], out: &mut bytes::BytesMut| {
-            if !resp3 && f == NIL {
-                out.extend_from_slice(NIL_RESP2);
-            } else {
-                out.extend_from_slice(f);
-            }
-        };
-        let mut out = bytes::BytesMut::new();
+    /// What answers `read`, if this holds all it asks for: the frames of
+    /// its fields in order, or HGETALL's map. Handles only, so the shard
+    /// is held for no copy; `HashRead::reply` makes the reply of them.
+    fn pick(&self, read: &HashRead) -> Option<Vec<Bytes>> {
         match read {
-            HashRead::All => return self.all.as_ref().map(|a| map_for_client(a, resp3)),
-            HashRead::Field(f) => one(self.field(f)?, &mut out),
-            HashRead::Fields(fs) => {
-                let frames = fs
-                    .iter()
-                    .map(|f| self.field(f))
-                    .collect::<Option<Vec<_>>>()?;
-                crate::resp::array_header(&mut out, fs.len());
-                for f in frames {
-                    one(f, &mut out);
-                }
-            }
+            HashRead::All => self.all.clone().map(|a| vec![a]),
+            _ => read.names().iter().map(|f| self.field(f)).collect(),
         }
-        Some(out.freeze())
     }
 }
 
@@ -210,7 +200,45 @@ impl HashRead {
         match (self, other) {
             (HashRead::All, _) => true,
             (_, HashRead::All) => false,
-            _ => other.names().iter().all(|n| self.names().contains(n)),
+            _ => {
+                let (mine, theirs) = (self.names(), other.names());
+                // Called under the marker's lock: no quadratic walk of two
+                // long field lists there.
+                if mine.len().saturating_mul(theirs.len()) <= 256 {
+                    theirs.iter().all(|n| mine.contains(n))
+                } else {
+                    let set: std::collections::HashSet<&Bytes> = mine.iter().collect();
+                    theirs.iter().all(|n| set.contains(n))
+                }
+            }
+        }
+    }
+
+    /// The reply a client of `resp3` or not is shown, from what
+    /// `HashFields::pick` found for this read.
+    fn reply(&self, picked: Vec<Bytes>, resp3: bool) -> Bytes {
+        let field = |f: Bytes| {
+            if !resp3 && f[..] == NIL[..] {
+                Bytes::from_static(NIL_RESP2)
+            } else {
+                f
+            }
+        };
+        match self {
+            HashRead::All => match picked.into_iter().next() {
+                Some(m) if resp3 => m,
+                Some(m) => map_for_client(&m, false),
+                None => Bytes::new(),
+            },
+            HashRead::Field(_) => picked.into_iter().next().map(field).unwrap_or_default(),
+            HashRead::Fields(fs) => {
+                let mut out = bytes::BytesMut::new();
+                crate::resp::array_header(&mut out, fs.len());
+                for f in picked {
+                    out.extend_from_slice(&field(f));
+                }
+                out.freeze()
+            }
         }
     }
 }
@@ -329,6 +357,11 @@ pub struct L1 {
     /// invalidation names a key, not its db (Redis' tracking table has no
     /// dbs), so it removes the key from each of them.
     dbs: AtomicU64,
+    /// Hash reads may be cached: the upstream is known to predate Redis
+    /// 7.4, whose per-field TTLs a key's PTTL does not show (and whose
+    /// expired fields are dropped, and invalidated, only when Redis gets to
+    /// them), so an entry could outlive a field.
+    hashes: AtomicBool,
     /// False while a tracking connection is missing: no hits, no fills.
     valid: AtomicBool,
     /// Tracking was refused (or mode is "ttl"): entries live at most
@@ -376,6 +409,7 @@ impl L1 {
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
             dbs: AtomicU64::new(0),
+            hashes: AtomicBool::new(false),
             valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             max_ttl,
@@ -614,16 +648,19 @@ impl L1 {
         resp3: bool,
         out: &Arc<crate::upstream::OutBytes>,
     ) -> HashLookup {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
+        if !self.hashes.load(Ordering::Acquire)
+            || !self.valid.load(Ordering::Acquire)
+            || !self.cacheable(db, key)
+        {
             return HashLookup::Bypass;
         }
         let found = self.map.get_with(db, key, Instant::now(), |e| match e {
-            Entry::Hash(h) => h.answer(read, resp3),
+            Entry::Hash(h) => h.pick(read),
             Entry::Frame(_) => None,
         });
-        if let Some(reply) = self.found(found) {
+        if let Some(picked) = self.found(found) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return HashLookup::Hit(reply);
+            return HashLookup::Hit(read.reply(picked, resp3));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -665,7 +702,7 @@ impl L1 {
         outcome: Result<(Bytes, i64), crate::upstream::UpError>,
     ) {
         let fresh = match &outcome {
-            Ok((frame, _)) => HashFields::from_fill(read, frame),
+            Ok((frame, _)) => HashFields::from_fill(read, frame).map(Box::new),
             Err(_) => None,
         };
         // As in `install`: the install happens under the marker's lock,
@@ -691,10 +728,10 @@ impl L1 {
             .iter()
             .map(|(r, resp3, _)| match &outcome {
                 Ok((frame, _)) => {
-                    let data = fresh
-                        .as_ref()
-                        .and_then(|h| h.answer(r, *resp3))
-                        .unwrap_or_else(|| for_client(frame.clone(), *resp3));
+                    let data = match fresh.as_ref().and_then(|h| h.pick(r)) {
+                        Some(picked) => r.reply(picked, *resp3),
+                        None => for_client(frame.clone(), *resp3),
+                    };
                     Ok(crate::upstream::Reply {
                         errors: (data.first() == Some(&b'-')) as u64,
                         data,
@@ -707,7 +744,7 @@ impl L1 {
             (Some((since, db)), Some(h), Ok((frame, pttl))) => {
                 self.install_hash(db, key, token, h, since, *pttl, frame.len())
             }
-            (None, _, Ok(_)) => {
+            (None, Some(_), Ok(_)) => {
                 self.stats.discarded_fills.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
@@ -734,7 +771,7 @@ impl L1 {
         db: u32,
         key: &Bytes,
         token: u64,
-        fresh: HashFields,
+        fresh: Box<HashFields>,
         since: Instant,
         pttl: i64,
         size: usize,
@@ -768,6 +805,23 @@ impl L1 {
         } else {
             self.max_ttl
         }
+    }
+
+    /// The upstream's `redis_version` (from its HELLO): hash reads are
+    /// cached only below 7.4 (see `hashes`); an unknown version is taken
+    /// to have per-field TTLs.
+    pub fn set_server_version(&self, version: &str) {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>());
+        let before_field_ttls = match (parts.next(), parts.next()) {
+            (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (7, 4),
+            _ => false,
+        };
+        if !before_field_ttls && self.hashes.load(Ordering::Acquire) {
+            // A newer server behind the same address: what was cached of
+            // hashes may not hold there.
+            self.flush();
+        }
+        self.hashes.store(before_field_ttls, Ordering::Release);
     }
 
     /// Forgets a key, in every db: its entries and any fill in flight.
@@ -964,7 +1018,9 @@ mod tests {
             mode: L1Mode::Ttl,
             ..L1Config::default()
         };
-        L1::new(&cfg).unwrap()
+        let l = L1::new(&cfg).unwrap();
+        l.set_server_version("7.0.15");
+        l
     }
 
     fn out() -> Arc<crate::upstream::OutBytes> {
@@ -1400,6 +1456,7 @@ mod tests {
             ..L1Config::default()
         };
         let l = L1::new(&cfg).unwrap();
+        l.set_server_version("7.2.4");
         let value =
             |i: usize| Bytes::from(format!("*1\r\n$100\r\n{}{}\r\n", "v".repeat(99), i % 10));
         // Fields accumulate until the next would pass the bound; then the
@@ -1411,7 +1468,7 @@ mod tests {
             };
             l.complete_hash(&b(b"big"), t, &read, Ok((value(i), -1)));
             assert!(
-                l.bytes() as usize <= 1000 + 3 + crate::l1map::ENTRY_OVERHEAD,
+                l.bytes() as usize <= 1000 + 3 + crate::l1map::entry_overhead::<Entry>(),
                 "{i}"
             );
             assert!(hit(&l, b"big", &read, true).is_some(), "{i}");
@@ -1423,16 +1480,58 @@ mod tests {
         let HashLookup::Fill(t, _) = l.lookup_hash(0, b"w", &twice, true, &out()) else {
             panic!()
         };
-        l.complete_hash(
-            &b(b"w"),
-            t,
-            &twice,
-            Ok((b(b"*2\r\n$1\r\nv\r\n$1\r\nv\r\n"), -1)),
-        );
+        let reply = b(b"*2\r\n$1\r\nv\r\n$1\r\nv\r\n");
+        l.complete_hash(&b(b"w"), t, &twice, Ok((reply.clone(), -1)));
+        let h = HashFields::from_fill(&twice, &reply).unwrap();
+        assert_eq!((h.fields.len(), h.bytes), (1, 1 + 7));
+        // The field table's allocation counts too.
+        assert!(h.weight() >= 8 + 64 + std::mem::size_of::<HashFields>());
         assert_eq!(
             l.bytes() - before,
-            (1 + 1 + 7 + FIELD_OVERHEAD + crate::l1map::ENTRY_OVERHEAD) as u64
+            (1 + h.weight() + crate::l1map::entry_overhead::<Entry>()) as u64
         );
+        // The names are the entry's own, not slices of the request's buffer.
+        let buf = Bytes::from(vec![b'n'; 4096]);
+        let read = HashRead::Field(buf.slice(0..1));
+        let h = HashFields::from_fill(&read, &b(b"*1\r\n$1\r\nv\r\n")).unwrap();
+        let name = h.fields.keys().next().unwrap();
+        assert!(!std::ptr::eq(name.as_ptr(), buf.as_ptr()));
+        // A slot holding a hash weighs no more than one holding a frame.
+        assert_eq!(
+            crate::l1map::entry_overhead::<Entry>(),
+            crate::l1map::entry_overhead::<Bytes>()
+        );
+    }
+
+    #[test]
+    fn hashes_are_cached_only_from_servers_without_field_ttls() {
+        let l = l1();
+        let a = HashRead::Field(b(b"a"));
+        assert!(hash_fill(&l, b"h", &a, b"*1\r\n$1\r\n1\r\n").is_some());
+        assert!(hit(&l, b"h", &a, true).is_some());
+        for (v, cached) in [
+            ("7.4.0", false),
+            ("7.2.5", true),
+            ("8.0.2", false),
+            ("6.2.14", true),
+            ("", false),
+            ("unstable", false),
+        ] {
+            l.set_server_version(v);
+            assert_eq!(
+                !matches!(l.lookup_hash(0, b"h", &a, true, &out()), HashLookup::Bypass),
+                cached,
+                "{v}"
+            );
+            // (a miss left a marker: voided with the entry)
+            l.invalidate(b"h");
+        }
+        // What was cached is gone once a newer server shows up.
+        l.set_server_version("7.0.0");
+        assert!(hash_fill(&l, b"h", &a, b"*1\r\n$1\r\n1\r\n").is_some());
+        l.set_server_version("7.4.1");
+        l.set_server_version("7.0.0");
+        assert!(hit(&l, b"h", &a, true).is_none());
     }
 
     #[test]

@@ -66,7 +66,9 @@ struct Slot<V> {
 /// What one entry costs beyond its key and frame bytes: the slot, the
 /// table's index and control byte (with its spare capacity), and the
 /// frame's shared allocation header.
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Option<Slot<Bytes>>>() + 16 + 32;
+pub const fn entry_overhead<V>() -> usize {
+    std::mem::size_of::<Option<Slot<V>>>() + 16 + 32
+}
 
 struct Shard<V> {
     table: HashTable<u32>,
@@ -378,7 +380,7 @@ impl<V: Weigh> L1Map<V> {
         let Some((value, deadline)) = make(current) else {
             return ev;
         };
-        let weight = key.len() + value.weight() + ENTRY_OVERHEAD;
+        let weight = key.len() + value.weight() + entry_overhead::<V>();
         if weight > self.budget {
             return ev;
         }
@@ -569,7 +571,7 @@ mod tests {
         m.insert(0, b"k", frame(5), later(), now);
         assert!(matches!(m.get(b"k", now), Get::Hit(f) if f.len() == 5));
         assert_eq!(m.entries(), 1);
-        assert_eq!(m.bytes(), (1 + 5 + ENTRY_OVERHEAD) as u64);
+        assert_eq!(m.bytes(), (1 + 5 + entry_overhead::<Bytes>()) as u64);
         assert!(m.remove(0, b"k"));
         assert!(!m.remove(0, b"k"));
         assert!(matches!(m.get(b"k", now), Get::Miss));

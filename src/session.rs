@@ -619,11 +619,15 @@ where
                             continue;
                         }
                         Lookup::Fill(token, rx) => {
+                            // The fill starts before anything here awaits:
+                            // others may be waiting for it (coalesced), and
+                            // this client may stall on a full queue below.
+                            let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
+                            let started = self.start_fill(db, key.clone(), token);
                             // Replies keep request order: the batch so far
                             // takes its slot first.
                             self.flush_run(&chunk, &mut run).await;
-                            let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
-                            if self.start_fill(db, key.clone(), token) {
+                            if started {
                                 self.wait_fill(rx, key).await;
                             } else {
                                 let raw = chunk.slice(*start..*start + p.len);
@@ -689,8 +693,10 @@ where
                             continue;
                         }
                         HashLookup::Fill(token, rx) => {
+                            // Started before any await, as GET's.
+                            let started = self.start_hash_fill(db, key.clone(), read, token);
                             self.flush_run(&chunk, &mut run).await;
-                            if self.start_hash_fill(db, key.clone(), read, token) {
+                            if started {
                                 self.wait_fill_as(rx, idx, None, key).await;
                                 continue;
                             }
@@ -702,7 +708,7 @@ where
                         }
                         HashLookup::Bypass => {}
                     }
-                } else if id.is_some_and(command::may_write) {
+                } else if invalidates(id, class) {
                     invalidate_writes(l1, &view, id);
                     self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
                 }
@@ -752,15 +758,16 @@ where
                 Some(c) => (id, c),
                 None => {
                     let id = command::lookup(&args);
+                    let class = command::classify(&args, id);
                     // Inline writes (telnet, `redis-cli` piping plain text)
                     // missed the RESP path's local invalidation above.
                     if let Some(l1) = &l1
-                        && id.is_some_and(command::may_write)
+                        && invalidates(id, Some(class))
                     {
                         invalidate_writes(l1, &args, id);
                         self.swapdb_in_tx |= self.in_multi && id == *SWAPDB_ID;
                     }
-                    (id, command::classify(&args, id))
+                    (id, class)
                 }
             };
             self.flush_run(&chunk, &mut run).await;
@@ -2490,6 +2497,17 @@ fn hash_read(
     }
 }
 
+/// Whether a command passing through invalidates L1 locally: any write,
+/// and any command the table does not know that goes to Redis (it may be a
+/// write of a newer Redis). The proxy's own commands (PROXY, AI.*) handle
+/// their keys themselves.
+fn invalidates(id: Option<usize>, class: Option<Class>) -> bool {
+    match id {
+        Some(id) => command::may_write(id),
+        None => class == Some(Class::Pass),
+    }
+}
+
 /// Local writes invalidate at once, before they are forwarded, so the
 /// writer reads its own write and a fill already in flight is discarded.
 pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id: Option<usize>) {
@@ -2497,6 +2515,16 @@ pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id
         // SWAPDB replaces every key of the db L1 serves, and Redis sends
         // tracking clients nothing for it (checked against 7.0).
         Some("FLUSHALL") | Some("FLUSHDB") | Some("SWAPDB") => l1.flush(),
+        // A command newer than the table (HGETDEL, HSETEX, ... of later
+        // Redis versions): its keys are unknown, so every argument is taken
+        // for one. Forgetting a few values too many costs a read each.
+        None => {
+            for i in 1..args.count() {
+                if let Some(k) = args.arg(i) {
+                    l1.invalidate(k);
+                }
+            }
+        }
         _ => {
             for i in command::key_positions(args, id) {
                 if let Some(k) = args.arg(i) {

@@ -818,6 +818,9 @@ impl Upstream {
             match open_stream(&self.url, self.tls.as_ref(), &hs, self.connect_timeout).await {
                 Ok((stream, version)) => {
                     let connected_at = Instant::now();
+                    if let Some(l) = &l1 {
+                        l.set_server_version(&version);
+                    }
                     if !version.is_empty() {
                         *self.health.version.lock().unwrap() = version;
                     }

@@ -1371,3 +1371,41 @@ fn l1_serves_every_db_a_client_selects_and_keeps_them_apart() {
     assert_eq!(get(&mut r, &[b"GET", b"k"]), "$4\r\nzero\r\n");
     assert_eq!(redis.calls("get"), gets);
 }
+
+#[test]
+fn commands_the_proxy_does_not_know_invalidate_what_they_name() {
+    // A write of a newer Redis than the command table (HGETDEL, HSETEX, ...)
+    // stands for any unknown command: here HSET under another name (its second letter still S: Redis words the reply by it). In
+    // `ttl` mode no invalidation comes from Redis, so only the local one
+    // can make the client read its write.
+    let redis = RedisServer::start_with(&["--rename-command", "HSET", "HSETV8"]);
+    let proxy = Proxy::start(&redis.url(), &["--set", "l1.mode=ttl"]);
+    let mut r = proxy.raw();
+    let mut direct = Raw::connect(redis.port);
+    direct.send(&cmd_bytes(&[b"HSETV8", b"h", b"f", b"old"]));
+    assert_eq!(direct.read_reply(), b":1\r\n");
+    direct.send(&cmd_bytes(&[b"SET", b"s", b"old"]));
+    assert_eq!(direct.read_reply(), b"+OK\r\n");
+    for _ in 0..2 {
+        r.send(&cmd_bytes(&[b"HGET", b"h", b"f"]));
+        assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
+        r.send(&cmd_bytes(&[b"GET", b"s"]));
+        assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
+    }
+    assert_eq!(
+        (redis.calls("hget"), redis.calls("hmget")),
+        (0, 1),
+        "the hash was not cached"
+    );
+    r.send(&cmd_bytes(&[b"HSETV8", b"h", b"f", b"new"]));
+    assert_eq!(r.read_reply(), b":0\r\n");
+    r.send(&cmd_bytes(&[b"HGET", b"h", b"f"]));
+    assert_eq!(r.read_reply(), b"$3\r\nnew\r\n");
+    // The proxy's own commands are no writes of keys.
+    r.send(&cmd_bytes(&[b"PROXY", b"PING", b"s"]));
+    r.read_reply();
+    let gets = redis.calls("get");
+    r.send(&cmd_bytes(&[b"GET", b"s"]));
+    assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
+    assert_eq!(redis.calls("get"), gets, "s was invalidated by PROXY");
+}
