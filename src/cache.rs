@@ -297,9 +297,6 @@ struct Pending {
     db: u32,
 }
 
-/// Dbs past this are not cached (`L1::dbs` is a bit set of them).
-const MAX_DB: u32 = 64;
-
 /// Hits up to this size are copied into the session's output buffer while
 /// the shard is held; larger ones are shared (a copy would hold the shard
 /// for longer than a refcount costs).
@@ -360,10 +357,13 @@ pub struct L1 {
     /// Tokens issued before this value belong to fills started before the
     /// last flush.
     epoch: AtomicU64,
-    /// The dbs entries were ever installed for, one bit each: an
+    /// The dbs below 64 entries were ever installed for, one bit each: an
     /// invalidation names a key, not its db (Redis' tracking table has no
     /// dbs), so it removes the key from each of them.
     dbs: AtomicU64,
+    /// The others (a server configured with more than 64 dbs), rarely any.
+    high_dbs: std::sync::Mutex<Vec<u32>>,
+    has_high_dbs: AtomicBool,
     /// Hash reads may be cached: the upstream is known to predate Redis
     /// 7.4, whose per-field TTLs a key's PTTL does not show (and whose
     /// expired fields are dropped, and invalidated, only when Redis gets to
@@ -416,6 +416,8 @@ impl L1 {
             next_token: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
             dbs: AtomicU64::new(0),
+            high_dbs: std::sync::Mutex::new(Vec::new()),
+            has_high_dbs: AtomicBool::new(false),
             hashes: AtomicBool::new(false),
             valid: AtomicBool::new(cfg.mode == L1Mode::Ttl),
             ttl_only: AtomicBool::new(cfg.mode == L1Mode::Ttl),
@@ -515,10 +517,7 @@ impl L1 {
     /// `l1.include` / `l1.exclude`. The defaults ("*", nothing excluded)
     /// are settled at startup: walking the lists cost about 40 instructions
     /// per hit, for an answer that never changes.
-    fn cacheable(&self, db: u32, key: &[u8]) -> bool {
-        if db >= MAX_DB {
-            return false;
-        }
+    fn cacheable(&self, _db: u32, key: &[u8]) -> bool {
         if self.all_keys {
             return true;
         }
@@ -614,7 +613,7 @@ impl L1 {
         let mut installed = false;
         if let (true, Some(frame)) = (installable, frame) {
             let db = marker.get().db;
-            self.dbs.fetch_or(1 << db, Ordering::AcqRel);
+            self.note_db(db);
             let ev = self
                 .map
                 .insert(db, key, Entry::Frame(frame.clone()), deadline, now);
@@ -795,7 +794,7 @@ impl L1 {
             return;
         }
         let limit = self.max_value_bytes;
-        self.dbs.fetch_or(1 << db, Ordering::AcqRel);
+        self.note_db(db);
         let ev = self.map.upsert(db, key, now, |cur| {
             Some(match cur {
                 Some((Entry::Hash(h), d)) => (Entry::Hash(h.merge(fresh, limit)), d.min(deadline)),
@@ -814,6 +813,21 @@ impl L1 {
         }
     }
 
+    /// Remembers that `db` has entries, before one is installed (under
+    /// the key's marker lock, which `invalidate` waits for before it reads
+    /// the dbs).
+    fn note_db(&self, db: u32) {
+        if db < 64 {
+            self.dbs.fetch_or(1 << db, Ordering::AcqRel);
+            return;
+        }
+        let mut high = self.high_dbs.lock().unwrap_or_else(|e| e.into_inner());
+        if !high.contains(&db) {
+            high.push(db);
+        }
+        self.has_high_dbs.store(true, Ordering::Release);
+    }
+
     /// The upstream's `redis_version` (from its HELLO): hash reads are
     /// cached only below 7.4 (see `hashes`); an unknown version is taken
     /// to have per-field TTLs.
@@ -823,12 +837,13 @@ impl L1 {
             (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (7, 4),
             _ => false,
         };
-        if !before_field_ttls && self.hashes.load(Ordering::Acquire) {
+        let was = self.hashes.swap(before_field_ttls, Ordering::AcqRel);
+        if was && !before_field_ttls {
             // A newer server behind the same address: what was cached of
-            // hashes may not hold there.
+            // hashes may not hold there. Flushed after the switch, so a
+            // fill started before it is voided by the new epoch.
             self.flush();
         }
-        self.hashes.store(before_field_ttls, Ordering::Release);
     }
 
     /// Forgets a key, in every db: its entries and any fill in flight.
@@ -840,6 +855,16 @@ impl L1 {
             let db = dbs.trailing_zeros();
             self.map.remove(db, key);
             dbs &= dbs - 1;
+        }
+        if self.has_high_dbs.load(Ordering::Acquire) {
+            for &db in self
+                .high_dbs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                self.map.remove(db, key);
+            }
         }
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
@@ -1003,9 +1028,20 @@ pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Byt
         return Err(malformed());
     };
     let mut pos = pos + hdr + 1;
+    // A SELECT refused when EXEC ran (the server behind the address has
+    // fewer dbs now) left the reads in the base db: nothing of it may pass
+    // for the other db's.
+    let selected_ok = |at: usize, end: usize| -> Result<(), Bytes> {
+        match &data[at..end] {
+            b"+OK\r\n" => Ok(()),
+            e if e.first() == Some(&b'-') => Err(err(e)),
+            _ => Err(malformed()),
+        }
+    };
     if selected {
-        // The first SELECT's +OK.
-        pos = next(pos).ok_or_else(malformed)?;
+        let end = next(pos).ok_or_else(malformed)?;
+        selected_ok(pos, end)?;
+        pos = end;
     }
     let pttl_end = next(pos).ok_or_else(malformed)?;
     let pttl = match data[pos] {
@@ -1013,6 +1049,10 @@ pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Byt
         _ => -2,
     };
     let end = next(pttl_end).ok_or_else(malformed)?;
+    if selected {
+        let back = next(end).ok_or_else(malformed)?;
+        selected_ok(end, back)?;
+    }
     Ok((pttl, Bytes::copy_from_slice(&data[pttl_end..end])))
 }
 
@@ -1244,6 +1284,15 @@ mod tests {
         let ok = [&q[..], b"*4\r\n+OK\r\n:-1\r\n*2\r\n$1\r\na\r\n_\r\n+OK\r\n"].concat();
         let (pttl, v) = split_fill_reply(&ok, true).unwrap();
         assert_eq!((pttl, &v[..]), (-1, &b"*2\r\n$1\r\na\r\n_\r\n"[..]));
+        let refused = [
+            &q[..],
+            b"*4\r\n-ERR DB index is out of range\r\n:-1\r\n$1\r\nv\r\n+OK\r\n",
+        ]
+        .concat();
+        assert_eq!(
+            &split_fill_reply(&refused, true).unwrap_err()[..],
+            b"-ERR DB index is out of range\r\n"
+        );
         let short = [&q[..], b"*4\r\n+OK\r\n:-1\r\n"].concat();
         assert!(split_fill_reply(&short, true).is_err());
         assert!(split_fill_reply(&q[..], true).is_err());

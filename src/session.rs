@@ -1855,6 +1855,9 @@ where
             }
             Local::Hello => {
                 if self.pinned.is_some() && !self.is_local() {
+                    // It may log in as another user (whose ACL L1 must not
+                    // bypass): as for anything else on a pinned connection.
+                    self.pin_select_only = false;
                     if let Some(v) = args.get(1).and_then(|a| resp::parse_int(a))
                         && (v == 2 || v == 3)
                     {
@@ -2501,7 +2504,7 @@ fn hash_read(
 /// and any command the table does not know that goes to Redis (it may be a
 /// write of a newer Redis). The proxy's own commands (PROXY, AI.*) handle
 /// their keys themselves.
-fn invalidates(id: Option<usize>, class: Option<Class>) -> bool {
+pub(crate) fn invalidates(id: Option<usize>, class: Option<Class>) -> bool {
     match id {
         Some(id) => command::may_write(id),
         None => class == Some(Class::Pass),

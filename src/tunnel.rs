@@ -202,7 +202,10 @@ async fn upward<CR, UW>(
                     match verdict {
                         Verdict::Allow => {
                             if let Some(l1) = &shared.l1
-                                && id.is_some_and(command::may_write)
+                                && crate::session::invalidates(
+                                    id,
+                                    Some(command::classify(args, id)),
+                                )
                             {
                                 crate::session::invalidate_writes(l1, args, id);
                             }

@@ -871,6 +871,21 @@ fn a_deep_pipeline_of_large_hits_is_served_not_cut_off() {
     assert!(l1_stat(&mut c, "hits") - hits_before >= 8000);
 }
 
+/// Whether respite caches this server's hashes: below Redis 7.4 (from
+/// 7.4 on, per-field TTLs make it read them from Redis every time).
+fn hashes_cached(redis: &RedisServer) -> bool {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut redis.conn())
+        .unwrap();
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("");
+    let mut p = v.trim().split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    (p.next().unwrap_or(0), p.next().unwrap_or(0)) < (7, 4)
+}
+
 /// Upstream hash reads of any kind (fills read HGET as a one-field HMGET).
 fn hash_calls(redis: &RedisServer) -> u64 {
     ["hget", "hmget", "hgetall"]
@@ -943,7 +958,9 @@ fn hash_reads_are_served_from_l1_with_redis_exact_replies() {
         let all: Vec<String> = redis::cmd("HGETALL").arg("h").query(&mut c).unwrap();
         assert_eq!(all, ["a", "1", "b", "22", "c", ""]);
     }
-    assert_eq!(hash_calls(&redis), before, "hash hits reached Redis");
+    if hashes_cached(&redis) {
+        assert_eq!(hash_calls(&redis), before, "hash hits reached Redis");
+    }
     // The WRONGTYPE error is never cached.
     let before = redis.calls("hmget");
     for _ in 0..3 {
@@ -1109,7 +1126,9 @@ fn compressed_hash_values_are_cached_decoded() {
             redis::cmd("HGETALL").arg("ch").query(&mut c).unwrap();
         assert_eq!(all["big"], big);
     }
-    assert!(l1_stat(&mut c, "hits") >= 3);
+    if hashes_cached(&redis) {
+        assert!(l1_stat(&mut c, "hits") >= 3);
+    }
 }
 
 #[test]
@@ -1187,6 +1206,9 @@ fn hash_reads_are_not_answered_with_a_write_pipelined_after_them() {
 #[test]
 fn concurrent_hash_misses_coalesce_into_one_read() {
     let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    if !hashes_cached(&redis) {
+        return;
+    }
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut direct = redis.conn();
     let _: () = redis::cmd("HSET")
@@ -1307,7 +1329,10 @@ fn l1_serves_every_db_a_client_selects_and_keeps_them_apart() {
             "*2\r\n$3\r\none\r\n$3\r\none\r\n"
         );
     }
-    assert_eq!((redis.calls("get"), hash_calls(&redis)), (gets, hash));
+    assert_eq!(redis.calls("get"), gets);
+    if hashes_cached(&redis) {
+        assert_eq!(hash_calls(&redis), hash);
+    }
     // A direct write in db 1 reaches the entry of db 1 (the invalidation
     // names the key only: db 0's entry goes too, and is read again).
     let _: () = redis::cmd("SELECT").arg(1).query(&mut direct).unwrap();
@@ -1352,7 +1377,8 @@ fn l1_serves_every_db_a_client_selects_and_keeps_them_apart() {
         );
     }
     // A refused SELECT leaves the db as it was.
-    assert!(get(&mut r, &[b"SELECT", b"99"]).starts_with("-ERR"));
+    // (20: below the dbs L1 could hold, past the server's 16.)
+    assert!(get(&mut r, &[b"SELECT", b"20"]).starts_with("-ERR"));
     assert!(get(&mut r, &[b"SELECT", b"x"]).starts_with("-ERR"));
     assert_eq!(get(&mut r, &[b"GET", b"k"]), "$3\r\ntwo\r\n");
     // Once a transaction pinned the connection, reads go to Redis (its
@@ -1392,11 +1418,13 @@ fn commands_the_proxy_does_not_know_invalidate_what_they_name() {
         r.send(&cmd_bytes(&[b"GET", b"s"]));
         assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
     }
-    assert_eq!(
-        (redis.calls("hget"), redis.calls("hmget")),
-        (0, 1),
-        "the hash was not cached"
-    );
+    if hashes_cached(&redis) {
+        assert_eq!(
+            (redis.calls("hget"), redis.calls("hmget")),
+            (0, 1),
+            "the hash was not cached"
+        );
+    }
     r.send(&cmd_bytes(&[b"HSETV8", b"h", b"f", b"new"]));
     assert_eq!(r.read_reply(), b":0\r\n");
     r.send(&cmd_bytes(&[b"HGET", b"h", b"f"]));
@@ -1408,4 +1436,63 @@ fn commands_the_proxy_does_not_know_invalidate_what_they_name() {
     r.send(&cmd_bytes(&[b"GET", b"s"]));
     assert_eq!(r.read_reply(), b"$3\r\nold\r\n");
     assert_eq!(redis.calls("get"), gets, "s was invalidated by PROXY");
+}
+
+#[test]
+fn logging_in_on_a_selected_connection_leaves_l1_to_redis_acls() {
+    // A client that SELECTs keeps L1; once it logs in as another user on
+    // that connection (AUTH, or HELLO with AUTH), Redis' ACL for that user
+    // must judge its reads, not values the proxy's own user filled.
+    let redis = RedisServer::start();
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "limited", "on", ">pw", "~allowed*", "+@all"])
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut direct).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("secret")
+        .arg("s1")
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("hsecret")
+        .arg("f")
+        .arg("s1")
+        .query(&mut direct)
+        .unwrap();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let login: [&[&[u8]]; 2] = [
+        &[b"HELLO", b"2", b"AUTH", b"limited", b"pw"],
+        &[b"AUTH", b"limited", b"pw"],
+    ];
+    for cmd in login {
+        let mut r = proxy.raw();
+        for req in [
+            &[&b"SELECT"[..], b"1"][..],
+            &[b"GET", b"secret"],
+            &[b"HGET", b"hsecret", b"f"],
+        ] {
+            r.send(&cmd_bytes(req));
+            r.read_reply();
+        }
+        // Both cached for db 1 now (read twice: hits).
+        r.send(&cmd_bytes(&[b"GET", b"secret"]));
+        assert_eq!(r.read_reply(), b"$2\r\ns1\r\n");
+        r.send(&cmd_bytes(cmd));
+        let reply = r.read_reply();
+        assert!(
+            !reply.starts_with(b"-"),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        for req in [&[&b"GET"[..], b"secret"][..], &[b"HGET", b"hsecret", b"f"]] {
+            r.send(&cmd_bytes(req));
+            let reply = String::from_utf8_lossy(&r.read_reply()).into_owned();
+            assert!(
+                reply.starts_with("-NOPERM"),
+                "{cmd:?} then {req:?}: {reply}"
+            );
+        }
+    }
 }
