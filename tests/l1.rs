@@ -372,6 +372,16 @@ fn inline_writes_are_read_back_at_once() {
     assert_eq!(r.read_reply(), b"$-1\r\n");
 }
 
+/// Sends `n` commands straight to Redis in one pipeline and reads their
+/// replies.
+fn preload(redis: &RedisServer, n: usize, cmd: impl Fn(usize) -> Vec<u8>) {
+    let mut direct = Raw::connect(redis.port);
+    direct.send(&(0..n).flat_map(cmd).collect::<Vec<u8>>());
+    for _ in 0..n {
+        direct.read_reply();
+    }
+}
+
 #[test]
 fn a_get_is_not_answered_with_a_write_pipelined_after_it() {
     // A GET that misses L1 is answered by a fill on a tracking connection;
@@ -380,16 +390,10 @@ fn a_get_is_not_answered_with_a_write_pipelined_after_it() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut r = proxy.raw();
-    let mut direct = Raw::connect(redis.port);
     let n = 3000;
-    let mut load = Vec::new();
-    for i in 0..n {
-        load.extend(cmd_bytes(&[b"SET", format!("race{i}").as_bytes(), b"old"]));
-    }
-    direct.send(&load);
-    for _ in 0..n {
-        direct.read_reply();
-    }
+    preload(&redis, n, |i| {
+        cmd_bytes(&[b"SET", format!("race{i}").as_bytes(), b"old"])
+    });
     for chunk in 0..n / 100 {
         let mut batch = Vec::new();
         for i in chunk * 100..(chunk + 1) * 100 {
@@ -1140,21 +1144,10 @@ fn hash_reads_are_not_answered_with_a_write_pipelined_after_them() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.url(), &[]);
     let mut r = proxy.raw();
-    let mut direct = Raw::connect(redis.port);
     let n = 1500;
-    let mut load = Vec::new();
-    for i in 0..n {
-        load.extend(cmd_bytes(&[
-            b"HSET",
-            format!("hrace{i}").as_bytes(),
-            b"f",
-            b"old",
-        ]));
-    }
-    direct.send(&load);
-    for _ in 0..n {
-        direct.read_reply();
-    }
+    preload(&redis, n, |i| {
+        cmd_bytes(&[b"HSET", format!("hrace{i}").as_bytes(), b"f", b"old"])
+    });
     let reads: [&[&[u8]]; 3] = [&[b"HGET", b"f"], &[b"HMGET", b"f", b"g"], &[b"HGETALL"]];
     let before = |i: usize| match i % 3 {
         0 => "$3\r\nold\r\n",
