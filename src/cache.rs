@@ -695,6 +695,43 @@ impl L1 {
         HashLookup::Fill(token, rx)
     }
 
+    /// HGET's hit path: a known field's frame (as a client of `resp3` or
+    /// not sees it) appended to `dst` while the shard is held, as GET's
+    /// small hits are; its length, or None for anything else (the caller
+    /// goes through `lookup_hash`, which counts the miss).
+    pub fn copy_field(
+        &self,
+        db: u32,
+        key: &[u8],
+        field: &[u8],
+        resp3: bool,
+        dst: &mut Vec<u8>,
+    ) -> Option<usize> {
+        if !self.hashes.load(Ordering::Acquire)
+            || !self.valid.load(Ordering::Acquire)
+            || !self.cacheable(db, key)
+        {
+            return None;
+        }
+        let found = self.map.get_with(db, key, Instant::now(), |e| {
+            let Entry::Hash(h) = e else {
+                return None;
+            };
+            let f: &[u8] = match h.fields.get(field) {
+                Some(f) if f.len() <= COPY_MAX => f,
+                Some(_) => return None,
+                None if h.all.is_some() => NIL,
+                None => return None,
+            };
+            let f = if !resp3 && f == NIL { NIL_RESP2 } else { f };
+            dst.extend_from_slice(f);
+            Some(f.len())
+        });
+        let n = self.found(found)?;
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(n)
+    }
+
     /// Completes a hash fill of `read`: `outcome` is its reply (decoded,
     /// RESP3) with the key's PTTL read atomically with it, or the failure.
     /// The fields are installed when no invalidation came since the

@@ -680,6 +680,34 @@ where
                         }
                         continue;
                     }
+                } else if l1_usable
+                    && id == *HGET_ID
+                    && p.args.len() == 3
+                    && run.is_none()
+                    && self.queue.is_empty()
+                    && self.wbuf.len() < WBUF_DIRECT
+                    && {
+                        // As GET's direct hits: into the output buffer.
+                        self.wbuf.reserve(crate::cache::COPY_MAX);
+                        let copied = l1.copy_field(
+                            db,
+                            view.arg(1).unwrap_or_default(),
+                            view.arg(2).unwrap_or_default(),
+                            self.resp3,
+                            &mut self.wbuf,
+                        );
+                        if let Some(n) = copied {
+                            self.out.add(n);
+                            self.wbuf_owed += n;
+                            let idx = id.unwrap_or_default();
+                            self.shared
+                                .metrics
+                                .command(idx, false, Some(Duration::ZERO));
+                        }
+                        copied.is_some()
+                    }
+                {
+                    continue;
                 } else if l1_usable && let Some(read) = hash_read(id, &chunk, *start, &p.args) {
                     let key = chunk.slice(*start + p.args[1].start..*start + p.args[1].end);
                     let idx = id.unwrap_or_default();
