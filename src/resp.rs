@@ -423,7 +423,9 @@ impl FrameScanner {
                     if n < 0 {
                         return Err(bad_len(t));
                     }
-                    children = n * 2;
+                    // A count past i64::MAX / 2 is nonsense, not a
+                    // wrapped-around (negative: "complete") aggregate.
+                    children = n.checked_mul(2).ok_or_else(|| bad_len(t))?;
                     attribute = t == b'|';
                 }
                 _ => {
@@ -735,6 +737,15 @@ mod tests {
         }
         sc.reset();
         assert!(sc.next_frame(&deep).is_err());
+        // A map count whose doubling overflows (found by fuzzing the fill
+        // reply parser): an error, not a panic or a "complete" frame.
+        for huge in [
+            &b"%9223372036854775807\r\n"[..],
+            b"|4611686018427387904\r\n",
+        ] {
+            sc.reset();
+            assert!(sc.next_frame(huge).is_err());
+        }
     }
 
     #[test]
