@@ -713,7 +713,7 @@ impl L1 {
         {
             return None;
         }
-        let found = self.map.get_with(db, key, Instant::now(), |e| {
+        let found = self.map.try_get_with(db, key, Instant::now(), |e| {
             let Entry::Hash(h) = e else {
                 return None;
             };

@@ -311,10 +311,35 @@ impl<V: Weigh> L1Map<V> {
         now: Instant,
         f: impl FnOnce(&V) -> Option<R>,
     ) -> Get<R> {
+        self.get_counted(db, key, now, true, f)
+    }
+
+    /// `get_with` for a first try that a full lookup follows on a miss:
+    /// a missing key is not counted (the lookup will count it).
+    pub fn try_get_with<R>(
+        &self,
+        db: u32,
+        key: &[u8],
+        now: Instant,
+        f: impl FnOnce(&V) -> Option<R>,
+    ) -> Get<R> {
+        self.get_counted(db, key, now, false, f)
+    }
+
+    fn get_counted<R>(
+        &self,
+        db: u32,
+        key: &[u8],
+        now: Instant,
+        count_miss: bool,
+        f: impl FnOnce(&V) -> Option<R>,
+    ) -> Get<R> {
         let hash = self.hash(db, key);
         let mut sh = self.shard(hash);
         let Some(i) = sh.find(hash, db, key) else {
-            sh.sketch.record(hash);
+            if count_miss {
+                sh.sketch.record(hash);
+            }
             return Get::Miss;
         };
         let Shard { slots, sketch, .. } = &mut *sh;
@@ -717,6 +742,25 @@ mod tests {
             assert!(matches!(m.get(k, now), Get::Hit(_)));
         }
         assert!(matches!(m.get(b"big", now), Get::Miss));
+    }
+
+    #[test]
+    fn a_first_try_does_not_count_a_miss() {
+        let m = L1Map::<Bytes>::new(1 << 20, 1 << 10);
+        let now = Instant::now();
+        let freq = |m: &L1Map<Bytes>| {
+            let h = m.hash(0, b"k");
+            m.shard(h).sketch.frequency(h)
+        };
+        for _ in 0..3 {
+            assert!(matches!(
+                m.try_get_with(0, b"k", now, |f| Some(f.clone())),
+                Get::Miss
+            ));
+        }
+        assert_eq!(freq(&m), 0);
+        assert!(matches!(m.get(b"k", now), Get::Miss));
+        assert_eq!(freq(&m), 1);
     }
 
     #[test]
