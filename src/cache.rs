@@ -462,6 +462,20 @@ impl L1 {
             return hit;
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.fill_or_wait(db, key, out)
+    }
+
+    /// After a miss (counted by the caller): a fill of the key to start,
+    /// or one in flight to wait for; Bypass when L1 cannot take this key.
+    pub fn fill_or_wait(
+        &self,
+        db: u32,
+        key: &[u8],
+        out: &Arc<crate::upstream::OutBytes>,
+    ) -> Lookup {
+        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
+            return Lookup::Bypass;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = (tx, out.clone());
         match self.pending.entry(Bytes::copy_from_slice(key)) {
@@ -492,6 +506,11 @@ impl L1 {
                 Lookup::Fill(token, rx)
             }
         }
+    }
+
+    /// Whether a miss of this key may be filled now.
+    pub fn fillable(&self, db: u32, key: &[u8]) -> bool {
+        self.valid.load(Ordering::Acquire) && self.cacheable(db, key)
     }
 
     /// The entry's frame unless it outlived its deadline (its key's PTTL

@@ -243,7 +243,7 @@ pub struct Session<W> {
     /// pipelined after the GET could reach Redis first and show up in the
     /// GET's answer, so a write to one of these keys (or to keys not known)
     /// waits until the fills are in.
-    fill_keys: std::collections::VecDeque<Bytes>,
+    fill_keys: std::collections::VecDeque<Vec<Bytes>>,
     /// How many of those, from the front of the queue, `wait_fills` has
     /// seen answered.
     fills_answered: usize,
@@ -655,6 +655,23 @@ where
                         .collect();
                     let missing: Vec<usize> =
                         (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+                    if !missing.is_empty()
+                        && let Some(fills) =
+                            self.start_mget_fills(db, &chunk, *start, &p.args, &missing)
+                    {
+                        // Every missing key is filled (or waited for) as a
+                        // GET of it would be, so the next MGET hits.
+                        self.flush_run(&chunk, &mut run).await;
+                        let keys = missing
+                            .iter()
+                            .map(|&i| {
+                                chunk
+                                    .slice(*start + p.args[i + 1].start..*start + p.args[i + 1].end)
+                            })
+                            .collect();
+                        self.wait_mget(slots, fills, keys).await;
+                        continue;
+                    }
                     if missing.len() < slots.len() {
                         self.flush_run(&chunk, &mut run).await;
                         if missing.is_empty() {
@@ -925,6 +942,7 @@ where
                     self.fill_keys
                         .iter()
                         .skip(self.fills_answered)
+                        .flatten()
                         .any(|f| f[..] == *k)
                 })
             })
@@ -1649,6 +1667,107 @@ where
         }
     }
 
+    /// Fills (or waits for fills of) the keys an MGET missed, each as its
+    /// GET would be. None, having started nothing, when L1 cannot take one
+    /// of them (an excluded key, tracking down): the caller reads them from
+    /// Redis. Fills started before a later key turned out unfillable (the
+    /// same key of another db in flight) complete on their own.
+    fn start_mget_fills(
+        &mut self,
+        db: u32,
+        chunk: &Bytes,
+        start: usize,
+        args: &[std::ops::Range<usize>],
+        missing: &[usize],
+    ) -> Option<Vec<(usize, crate::cache::FillRx)>> {
+        let l1 = self.shared.l1.clone()?;
+        let key = |i: usize| chunk.slice(start + args[i + 1].start..start + args[i + 1].end);
+        if !missing.iter().all(|&i| l1.fillable(db, &key(i))) {
+            return None;
+        }
+        let mut fills = Vec::with_capacity(missing.len());
+        for &i in missing {
+            match l1.fill_or_wait(db, &key(i), &self.out) {
+                Lookup::Fill(token, rx) => {
+                    if !self.start_fill(db, key(i), token) {
+                        return None;
+                    }
+                    fills.push((i, rx));
+                }
+                Lookup::Wait(rx) => fills.push((i, rx)),
+                _ => return None,
+            }
+        }
+        Some(fills)
+    }
+
+    /// Queues the reply slot of an MGET whose missing keys are being
+    /// filled: a task gathers their GET replies into the slots (a key that
+    /// is no string reads as nil, as MGET has it) and answers the slot.
+    async fn wait_mget(
+        &mut self,
+        slots: Vec<Option<Bytes>>,
+        fills: Vec<(usize, crate::cache::FillRx)>,
+        keys: Vec<Bytes>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let out = self.out.clone();
+        let resp3 = self.resp3;
+        tokio::spawn(async move {
+            let mut slots = slots;
+            let mut failed = None;
+            for (i, fill) in fills {
+                match fill.await.unwrap_or(Err(UpError::Lost)) {
+                    Ok(r) => {
+                        // Counted against the output cap by the fill; the
+                        // merged reply is counted below instead.
+                        out.sub(r.data.len());
+                        let v = if r.data.first() == Some(&b'$') {
+                            r.data
+                        } else {
+                            Bytes::from_static(crate::cache::NIL)
+                        };
+                        slots[i] = Some(crate::cache::for_client(v, resp3));
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let r = match failed {
+                Some(e) => Err(e),
+                None => {
+                    let mut b = BytesMut::new();
+                    resp::array_header(&mut b, slots.len());
+                    for f in slots.iter().flatten() {
+                        b.extend_from_slice(f);
+                    }
+                    Ok(crate::upstream::Reply {
+                        errors: 0,
+                        data: b.freeze(),
+                    })
+                }
+            };
+            if let Ok(reply) = &r {
+                out.add(reply.data.len());
+            }
+            if let Err(Ok(reply)) = tx.send(r) {
+                out.sub(reply.data.len());
+            }
+        });
+        self.fill_keys.push_back(keys);
+        self.push(Out::Up {
+            rx,
+            count: 1,
+            ids: vec![MGET_ID.unwrap_or(0) as u16],
+            start: Instant::now(),
+            post: Post::Waited {
+                resp3: self.resp3,
+                ai: None,
+            },
+            writes: false,
+        })
+        .await
+    }
+
     /// Queues the reply slot of a GET answered by a fill.
     async fn wait_fill(&mut self, rx: crate::cache::FillRx, key: Bytes) {
         self.wait_fill_as(rx, GET_ID.unwrap_or(0), None, key).await
@@ -1662,7 +1781,7 @@ where
         ai: Option<AiPost>,
         key: Bytes,
     ) {
-        self.fill_keys.push_back(key);
+        self.fill_keys.push_back(vec![key]);
         self.push(Out::Up {
             rx,
             count: 1,

@@ -575,11 +575,22 @@ fn coherence_checker(duration: Duration) {
             let mut reads = 0u64;
             let mut round = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                for (k, seen) in last.iter_mut().enumerate() {
-                    let v: Option<i64> = redis::cmd("GET")
-                        .arg(format!("ver:{k}"))
-                        .query(&mut c)
-                        .unwrap();
+                // Every other round one MGET of all keys (its misses fill
+                // as GETs do).
+                let got: Vec<Option<i64>> = if round.is_multiple_of(2) {
+                    (0..KEYS)
+                        .map(|k| {
+                            redis::cmd("GET")
+                                .arg(format!("ver:{k}"))
+                                .query(&mut c)
+                                .unwrap()
+                        })
+                        .collect()
+                } else {
+                    let keys: Vec<String> = (0..KEYS).map(|k| format!("ver:{k}")).collect();
+                    redis::cmd("MGET").arg(&keys).query(&mut c).unwrap()
+                };
+                for (k, (seen, v)) in last.iter_mut().zip(got).enumerate() {
                     let v = v.unwrap_or(0);
                     assert!(
                         v >= *seen,
@@ -720,17 +731,19 @@ fn mget_serves_hits_and_fetches_only_misses() {
         let _: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
     }
     let mut r = proxy.raw();
-    // Partial: only "b" and "zz" go upstream; the reply is still in order.
-    let before = redis.calls("mget");
+    // Partial: only "b" and "zz" are read (filled, as their GETs would
+    // be); the reply is still in order.
+    let before = redis.calls("get");
     r.send(&cmd_bytes(&[b"MGET", b"a", b"b", b"zz", b"c"]));
     r.expect(b"*4\r\n$1\r\n1\r\n$1\r\n2\r\n$-1\r\n$1\r\n3\r\n");
-    assert_eq!(redis.calls("mget"), before + 1);
+    assert_eq!(redis.calls("get"), before + 2);
     let hits = l1_stat(&mut c, "hits");
-    // All hits: no upstream command at all.
-    r.send(&cmd_bytes(&[b"MGET", b"c", b"a"]));
-    r.expect(b"*2\r\n$1\r\n3\r\n$1\r\n1\r\n");
-    assert_eq!(redis.calls("mget"), before + 1);
-    assert_eq!(l1_stat(&mut c, "hits"), hits + 2);
+    // All hits now, "b" and "zz" included: no upstream command at all.
+    r.send(&cmd_bytes(&[b"MGET", b"c", b"a", b"b", b"zz"]));
+    r.expect(b"*4\r\n$1\r\n3\r\n$1\r\n1\r\n$1\r\n2\r\n$-1\r\n");
+    assert_eq!(redis.calls("get"), before + 2);
+    assert_eq!(redis.calls("mget"), 0);
+    assert_eq!(l1_stat(&mut c, "hits"), hits + 4);
     // RESP3 clients get RESP3 nulls for the missing keys.
     r.send(&cmd_bytes(&[b"HELLO", b"3"]));
     let mut sc = respite::resp::FrameScanner::new();
@@ -1487,5 +1500,80 @@ fn logging_in_on_a_selected_connection_leaves_l1_to_redis_acls() {
                 "{cmd:?} then {req:?}: {reply}"
             );
         }
+    }
+}
+
+#[test]
+fn an_mget_only_workload_is_served_from_l1() {
+    // Clients that read with MGET alone: the keys it misses are filled,
+    // so the next MGET costs Redis nothing; replies are Redis' own bytes
+    // (a key of another type reads as nil), and a write pipelined after a
+    // filling MGET does not show in it.
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.url(), &[]);
+    let mut direct = Raw::connect(redis.port);
+    for cmd in [
+        &[&b"SET"[..], b"m1", b"one"][..],
+        &[b"SET", b"m2", b"two"],
+        &[b"HSET", b"mh", b"f", b"v"],
+    ] {
+        direct.send(&cmd_bytes(cmd));
+        direct.read_reply();
+    }
+    let req: &[&[u8]] = &[b"MGET", b"m1", b"mh", b"nokey", b"m2", b"m1"];
+    for hello in [&b"2"[..], b"3"] {
+        let mut want = Raw::connect(redis.port);
+        let mut got = proxy.raw();
+        for r in [&mut want, &mut got] {
+            r.send(&cmd_bytes(&[b"HELLO", hello]));
+            r.read_reply();
+        }
+        want.send(&cmd_bytes(req));
+        let expected = want.read_reply();
+        for round in 0..3 {
+            got.send(&cmd_bytes(req));
+            assert_eq!(
+                String::from_utf8_lossy(&got.read_reply()),
+                String::from_utf8_lossy(&expected),
+                "RESP{hello:?} round {round}"
+            );
+        }
+    }
+    // m1, m2 and nokey are cached; the hash is read each time (a GET of it
+    // is an error, which is never cached).
+    let gets = redis.calls("get");
+    let mut c = proxy.conn();
+    for _ in 0..10 {
+        let v: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&["m2", "nokey", "m1"])
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, [Some("two".into()), None, Some("one".into())]);
+    }
+    assert_eq!(redis.calls("get"), gets);
+    assert_eq!(redis.calls("mget"), 2, "only the direct reads");
+    // Pipelined after a filling MGET, a SET of one of its keys waits.
+    let mut r = proxy.raw();
+    let n = 500;
+    preload(&redis, n, |i| {
+        cmd_bytes(&[b"SET", format!("mr{i}").as_bytes(), b"old"])
+    });
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let (k, other) = (format!("mr{i}"), format!("mr{}", (i + 1) % n));
+        batch.extend(cmd_bytes(&[b"MGET", other.as_bytes(), k.as_bytes()]));
+        batch.extend(cmd_bytes(&[b"SET", k.as_bytes(), b"new"]));
+        batch.extend(cmd_bytes(&[b"MGET", k.as_bytes()]));
+    }
+    r.send(&batch);
+    for i in 0..n {
+        let first = String::from_utf8_lossy(&r.read_reply()).into_owned();
+        assert!(first.ends_with("$3\r\nold\r\n"), "mr{i}: {first:?}");
+        assert_eq!(r.read_reply(), b"+OK\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&r.read_reply()),
+            "*1\r\n$3\r\nnew\r\n",
+            "mr{i} after its SET"
+        );
     }
 }
