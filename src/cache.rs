@@ -1036,26 +1036,50 @@ impl L1 {
 /// A key of another db is read between SELECTs, which leave the connection
 /// in `base` again. Returns the bytes and the number of replies to expect.
 pub fn fill_request(db: u32, base: u32, key: &[u8], read: &[&[u8]]) -> (Bytes, u32) {
+    fill_request_many(db, base, &[(key, read)])
+}
+
+/// [`fill_request`] for several keys in one transaction: each key's PTTL
+/// and read in turn (the fills of an MGET's misses that share a tracking
+/// connection).
+pub fn fill_request_many(db: u32, base: u32, reads: &[(&[u8], &[&[u8]])]) -> (Bytes, u32) {
     use crate::resp::encode_command;
-    let mut b = bytes::BytesMut::with_capacity(96 + 2 * key.len());
+    let size: usize = reads
+        .iter()
+        .map(|(k, r)| 40 + 2 * k.len() + 8 * r.len())
+        .sum();
+    let mut b = bytes::BytesMut::with_capacity(64 + size);
     encode_command(&[&b"MULTI"[..]], &mut b);
     let other = db != base;
     if other {
         encode_command(&[&b"SELECT"[..], db.to_string().as_bytes()], &mut b);
     }
-    encode_command(&[&b"PTTL"[..], key], &mut b);
-    encode_command(read, &mut b);
+    for (key, read) in reads {
+        encode_command(&[&b"PTTL"[..], key], &mut b);
+        encode_command(read, &mut b);
+    }
     if other {
         encode_command(&[&b"SELECT"[..], base.to_string().as_bytes()], &mut b);
     }
     encode_command(&[&b"EXEC"[..]], &mut b);
-    (b.freeze(), if other { 6 } else { 4 })
+    let queued = 2 * reads.len() as u32 + if other { 2 } else { 0 };
+    (b.freeze(), queued + 2)
 }
 
 /// Splits the reply to a [`fill_request`] (RESP3; `selected`: it had the
 /// SELECTs) into the key's PTTL and the read's reply frame. `Err` when the
 /// transaction failed, with the error frame to show.
 pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Bytes> {
+    split_fill_replies(data, selected, 1).map(|mut v| v.swap_remove(0))
+}
+
+/// [`split_fill_reply`] for a [`fill_request_many`] of `n` keys: each
+/// key's PTTL and read reply, in order.
+pub fn split_fill_replies(
+    data: &[u8],
+    selected: bool,
+    n: usize,
+) -> Result<Vec<(i64, Bytes)>, Bytes> {
     let err = |d: &[u8]| Bytes::copy_from_slice(d);
     let malformed = || err(b"-ERR respite: malformed fill reply\r\n");
     let mut sc = crate::resp::FrameScanner::new();
@@ -1068,7 +1092,7 @@ pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Byt
     };
     let mut pos = 0;
     // +OK, then +QUEUED for each command.
-    for _ in 0..if selected { 5 } else { 3 } {
+    for _ in 0..1 + 2 * n + if selected { 2 } else { 0 } {
         let end = next(pos).ok_or_else(malformed)?;
         if data[pos] == b'-' {
             return Err(err(&data[pos..end]));
@@ -1099,17 +1123,22 @@ pub fn split_fill_reply(data: &[u8], selected: bool) -> Result<(i64, Bytes), Byt
         selected_ok(pos, end)?;
         pos = end;
     }
-    let pttl_end = next(pos).ok_or_else(malformed)?;
-    let pttl = match data[pos] {
-        b':' => crate::resp::parse_int(&data[pos + 1..pttl_end - 2]).unwrap_or(-2),
-        _ => -2,
-    };
-    let end = next(pttl_end).ok_or_else(malformed)?;
-    if selected {
-        let back = next(end).ok_or_else(malformed)?;
-        selected_ok(end, back)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let pttl_end = next(pos).ok_or_else(malformed)?;
+        let pttl = match data[pos] {
+            b':' => crate::resp::parse_int(&data[pos + 1..pttl_end - 2]).unwrap_or(-2),
+            _ => -2,
+        };
+        let end = next(pttl_end).ok_or_else(malformed)?;
+        out.push((pttl, Bytes::copy_from_slice(&data[pttl_end..end])));
+        pos = end;
     }
-    Ok((pttl, Bytes::copy_from_slice(&data[pttl_end..end])))
+    if selected {
+        let back = next(pos).ok_or_else(malformed)?;
+        selected_ok(pos, back)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1349,6 +1378,14 @@ mod tests {
             &split_fill_reply(&refused, true).unwrap_err()[..],
             b"-ERR DB index is out of range\r\n"
         );
+        // Several keys in one transaction (an MGET's misses).
+        let (req, n) = fill_request_many(0, 0, &[(b"a", &[b"GET", b"a"]), (b"b", &[b"GET", b"b"])]);
+        assert_eq!(n, 6);
+        assert_eq!(req.windows(4).filter(|w| w == b"PTTL").count(), 2);
+        let two = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*4\r\n:-1\r\n$1\r\nx\r\n:-2\r\n_\r\n";
+        let v = split_fill_replies(two, false, 2).unwrap();
+        assert_eq!(v, [(-1, b(b"$1\r\nx\r\n")), (-2, b(b"_\r\n"))]);
+        assert!(split_fill_replies(two, false, 3).is_err());
         let short = [&q[..], b"*4\r\n+OK\r\n:-1\r\n"].concat();
         assert!(split_fill_reply(&short, true).is_err());
         assert!(split_fill_reply(&q[..], true).is_err());

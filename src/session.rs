@@ -1685,20 +1685,57 @@ where
         if !missing.iter().all(|&i| l1.fillable(db, &key(i))) {
             return None;
         }
+        let Backend::Upstream(up) = &self.shared.backend else {
+            return None;
+        };
+        let up = up.clone();
         let mut fills = Vec::with_capacity(missing.len());
+        // The keys to read, by tracking connection: one transaction each.
+        let mut groups: std::collections::BTreeMap<usize, Vec<(Bytes, u64)>> = Default::default();
+        let mut ok = true;
         for &i in missing {
             match l1.fill_or_wait(db, &key(i), &self.out) {
                 Lookup::Fill(token, rx) => {
-                    if !self.start_fill(db, key(i), token) {
-                        return None;
-                    }
+                    groups
+                        .entry(up.tracking_slot(&key(i)))
+                        .or_default()
+                        .push((key(i), token));
                     fills.push((i, rx));
                 }
                 Lookup::Wait(rx) => fills.push((i, rx)),
-                _ => return None,
+                _ => {
+                    ok = false;
+                    break;
+                }
             }
         }
-        Some(fills)
+        // Every marker taken above is completed, whatever happens next.
+        let selected = db != up.url.db;
+        for (slot, keys) in groups {
+            let reads: Vec<(&[u8], [&[u8]; 2])> = keys
+                .iter()
+                .map(|(k, _)| (&k[..], [&b"GET"[..], &k[..]]))
+                .collect();
+            let reads: Vec<(&[u8], &[&[u8]])> = reads.iter().map(|(k, r)| (*k, &r[..])).collect();
+            let (req, replies) = crate::cache::fill_request_many(db, up.url.db, &reads);
+            let sent = match up.tracking_at(slot) {
+                Some(conn) => conn.send(req, replies, None),
+                None => Err(UpError::Unavailable(
+                    "L1 tracking connection missing".into(),
+                )),
+            };
+            let shared = self.shared.clone();
+            match sent {
+                Ok(rx) => {
+                    tokio::spawn(async move {
+                        let r = rx.await.unwrap_or(Err(UpError::Lost));
+                        finish_fills(&shared, &keys, selected, r);
+                    });
+                }
+                Err(e) => finish_fills(&shared, &keys, selected, Err(e)),
+            }
+        }
+        ok.then_some(fills)
     }
 
     /// Queues the reply slot of an MGET whose missing keys are being
@@ -1722,18 +1759,32 @@ where
                         // Counted against the output cap by the fill; the
                         // merged reply is counted below instead.
                         out.sub(r.data.len());
-                        let v = if r.data.first() == Some(&b'$') {
-                            r.data
-                        } else {
-                            Bytes::from_static(crate::cache::NIL)
+                        let v = match r.data.first() {
+                            Some(b'$' | b'_') => r.data,
+                            // MGET's answer for a key of another type.
+                            _ if r.data.starts_with(b"-WRONGTYPE") => {
+                                Bytes::from_static(crate::cache::NIL)
+                            }
+                            // The read failed (LOADING, NOPERM, ...): so
+                            // does the MGET, with that error.
+                            _ => {
+                                failed.get_or_insert(Ok(r.data));
+                                continue;
+                            }
                         };
                         slots[i] = Some(crate::cache::for_client(v, resp3));
                     }
-                    Err(e) => failed = Some(e),
+                    Err(e) => {
+                        failed.get_or_insert(Err(e));
+                    }
                 }
             }
             let r = match failed {
-                Some(e) => Err(e),
+                Some(Err(e)) => Err(e),
+                Some(Ok(error)) => Ok(crate::upstream::Reply {
+                    errors: 1,
+                    data: error,
+                }),
                 None => {
                     let mut b = BytesMut::new();
                     resp::array_header(&mut b, slots.len());
@@ -2552,14 +2603,51 @@ fn finish_fill(
     let Some(l1) = shared.l1.as_ref() else {
         return;
     };
-    let reply = match r {
-        Ok(reply) => reply,
+    match r {
+        Ok(reply) => {
+            let parsed = crate::cache::split_fill_reply(&reply.data, selected);
+            finish_parsed_fill(shared, l1, key, token, parsed);
+        }
         Err(e) => {
             l1.complete(key, token, None, -2, Err(e));
-            return;
         }
+    }
+}
+
+/// Completes the fills of several keys read in one transaction (an
+/// MGET's misses on one tracking connection).
+fn finish_fills(
+    shared: &Shared,
+    fills: &[(Bytes, u64)],
+    selected: bool,
+    r: Result<crate::upstream::Reply, UpError>,
+) {
+    let Some(l1) = shared.l1.as_ref() else {
+        return;
     };
-    let (pttl, frame, read) = match crate::cache::split_fill_reply(&reply.data, selected) {
+    let parsed =
+        r.map(|reply| crate::cache::split_fill_replies(&reply.data, selected, fills.len()));
+    for (i, (key, token)) in fills.iter().enumerate() {
+        match &parsed {
+            Ok(Ok(v)) => finish_parsed_fill(shared, l1, key, *token, Ok(v[i].clone())),
+            Ok(Err(frame)) => finish_parsed_fill(shared, l1, key, *token, Err(frame.clone())),
+            Err(e) => {
+                l1.complete(key, *token, None, -2, Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Completes one key's fill from its PTTL and GET reply (or the failed
+/// transaction's error frame).
+fn finish_parsed_fill(
+    shared: &Shared,
+    l1: &L1,
+    key: &Bytes,
+    token: u64,
+    parsed: Result<(i64, Bytes), Bytes>,
+) {
+    let (pttl, frame, read) = match parsed {
         Ok((pttl, frame)) => {
             // L1 holds what clients see (decoded). Measured (release, this
             // 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a decode

@@ -934,13 +934,22 @@ impl Upstream {
 
     /// The tracking connection that carries every L1 fill of `key`.
     pub fn tracking(&self, key: &[u8]) -> Option<Conn> {
+        self.tracking_at(self.tracking_slot(key))
+    }
+
+    /// Which tracking connection carries `key`'s fills (keys of one slot
+    /// may share a fill transaction).
+    pub fn tracking_slot(&self, key: &[u8]) -> usize {
         use std::hash::Hasher;
-        let pool = &self.pools[POOL_TRACKING];
         // DefaultHasher::new() has fixed keys: a key maps to one slot always.
         let mut h = std::hash::DefaultHasher::new();
         h.write(key);
-        let i = (h.finish() % pool.slots.len() as u64) as usize;
-        pool.slots[i]
+        (h.finish() % self.pools[POOL_TRACKING].slots.len() as u64) as usize
+    }
+
+    /// The tracking connection of a slot, when it is up.
+    pub fn tracking_at(&self, i: usize) -> Option<Conn> {
+        self.pools[POOL_TRACKING].slots[i]
             .conn
             .lock()
             .unwrap()

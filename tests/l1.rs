@@ -1552,6 +1552,17 @@ fn an_mget_only_workload_is_served_from_l1() {
     }
     assert_eq!(redis.calls("get"), gets);
     assert_eq!(redis.calls("mget"), 2, "only the direct reads");
+    // Keys missed together are read together: one transaction per
+    // tracking connection, not one per key.
+    let execs = redis.calls("exec");
+    let keys: Vec<String> = (0..20).map(|i| format!("cold{i}")).collect();
+    let v: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+    assert_eq!(v.len(), 20);
+    let made = redis.calls("exec") - execs;
+    assert!(
+        (1..=4).contains(&made),
+        "{made} fill transactions for one MGET"
+    );
     // Pipelined after a filling MGET, a SET of one of its keys waits.
     let mut r = proxy.raw();
     let n = 500;
