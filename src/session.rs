@@ -244,6 +244,9 @@ pub struct Session<W> {
     /// GET's answer, so a write to one of these keys (or to keys not known)
     /// waits until the fills are in.
     fill_keys: std::collections::VecDeque<Vec<Bytes>>,
+    /// The keys of `fill_keys`, counted: a write looks its keys up here
+    /// instead of walking every queued fill's keys (an MGET's can be many).
+    fill_key_count: std::collections::HashMap<Bytes, u32>,
     /// How many of those, from the front of the queue, `wait_fills` has
     /// seen answered.
     fills_answered: usize,
@@ -311,6 +314,7 @@ where
         bytes_run: Vec::new(),
         bytes_run_args: 0,
         fill_keys: std::collections::VecDeque::new(),
+        fill_key_count: std::collections::HashMap::new(),
         fills_answered: 0,
     };
     // One long-lived future per signal: re-creating them on every read would
@@ -935,16 +939,13 @@ where
         ) {
             return true;
         }
+        // Keys of fills already answered count too: a needless wait for the
+        // rest, never a missed one.
         let keys = command::key_positions(args, id);
         keys.is_empty()
             || keys.iter().any(|&p| {
-                args.arg(p).is_some_and(|k| {
-                    self.fill_keys
-                        .iter()
-                        .skip(self.fills_answered)
-                        .flatten()
-                        .any(|f| f[..] == *k)
-                })
+                args.arg(p)
+                    .is_some_and(|k| self.fill_key_count.contains_key(k))
             })
     }
 
@@ -1056,7 +1057,16 @@ where
                     self.sel_pending -= 1;
                 }
                 if matches!(post, Post::Waited { .. }) {
-                    self.fill_keys.pop_front();
+                    for k in self.fill_keys.pop_front().unwrap_or_default() {
+                        if let std::collections::hash_map::Entry::Occupied(mut e) =
+                            self.fill_key_count.entry(k)
+                        {
+                            *e.get_mut() -= 1;
+                            if *e.get() == 0 {
+                                e.remove();
+                            }
+                        }
+                    }
                     self.fills_answered = self.fills_answered.saturating_sub(1);
                 }
                 let res = match res {
@@ -1682,7 +1692,9 @@ where
     ) -> Option<Vec<(usize, crate::cache::FillRx)>> {
         let l1 = self.shared.l1.clone()?;
         let key = |i: usize| chunk.slice(start + args[i + 1].start..start + args[i + 1].end);
-        if !missing.iter().all(|&i| l1.fillable(db, &key(i))) {
+        // A large cold MGET goes to Redis as it is: as fills it would hold
+        // a tracking connection (every key's fills share two) for long.
+        if missing.len() > MGET_FILL_MAX || !missing.iter().all(|&i| l1.fillable(db, &key(i))) {
             return None;
         }
         let Backend::Upstream(up) = &self.shared.backend else {
@@ -1710,7 +1722,6 @@ where
             }
         }
         // Every marker taken above is completed, whatever happens next.
-        let selected = db != up.url.db;
         for (slot, keys) in groups {
             let reads: Vec<(&[u8], [&[u8]; 2])> = keys
                 .iter()
@@ -1725,14 +1736,20 @@ where
                 )),
             };
             let shared = self.shared.clone();
+            let base = up.url.db;
             match sent {
                 Ok(rx) => {
                     tokio::spawn(async move {
                         let r = rx.await.unwrap_or(Err(UpError::Lost));
-                        finish_fills(&shared, &keys, selected, r);
+                        finish_fills(&shared, &keys, (db, base), r);
                     });
                 }
-                Err(e) => finish_fills(&shared, &keys, selected, Err(e)),
+                Err(e) => {
+                    // As a GET's fill: its waiters get the error, and this
+                    // MGET reads from Redis itself.
+                    finish_fills(&shared, &keys, (db, base), Err(e));
+                    ok = false;
+                }
             }
         }
         ok.then_some(fills)
@@ -1804,7 +1821,7 @@ where
                 out.sub(reply.data.len());
             }
         });
-        self.fill_keys.push_back(keys);
+        self.queue_fill_keys(keys);
         self.push(Out::Up {
             rx,
             count: 1,
@@ -1817,6 +1834,13 @@ where
             writes: false,
         })
         .await
+    }
+
+    fn queue_fill_keys(&mut self, keys: Vec<Bytes>) {
+        for k in &keys {
+            *self.fill_key_count.entry(k.clone()).or_default() += 1;
+        }
+        self.fill_keys.push_back(keys);
     }
 
     /// Queues the reply slot of a GET answered by a fill.
@@ -1832,7 +1856,7 @@ where
         ai: Option<AiPost>,
         key: Bytes,
     ) {
-        self.fill_keys.push_back(vec![key]);
+        self.queue_fill_keys(vec![key]);
         self.push(Out::Up {
             rx,
             count: 1,
@@ -2617,21 +2641,59 @@ fn finish_fill(
 /// Completes the fills of several keys read in one transaction (an
 /// MGET's misses on one tracking connection).
 fn finish_fills(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     fills: &[(Bytes, u64)],
-    selected: bool,
+    (db, base): (u32, u32),
     r: Result<crate::upstream::Reply, UpError>,
 ) {
     let Some(l1) = shared.l1.as_ref() else {
         return;
     };
+    let selected = db != base;
     let parsed =
         r.map(|reply| crate::cache::split_fill_replies(&reply.data, selected, fills.len()));
-    for (i, (key, token)) in fills.iter().enumerate() {
-        match &parsed {
-            Ok(Ok(v)) => finish_parsed_fill(shared, l1, key, *token, Ok(v[i].clone())),
-            Ok(Err(frame)) => finish_parsed_fill(shared, l1, key, *token, Err(frame.clone())),
-            Err(e) => {
+    match parsed {
+        Ok(Ok(v)) => {
+            for ((key, token), read) in fills.iter().zip(v) {
+                finish_parsed_fill(shared, l1, key, *token, Ok(read));
+            }
+        }
+        // The transaction failed as a whole (one key the upstream user may
+        // not read makes EXEC abort): that is no answer for the other keys,
+        // nor for the GETs coalesced on them. Each is read again alone.
+        Ok(Err(_)) if fills.len() > 1 => {
+            let Backend::Upstream(up) = &shared.backend else {
+                return;
+            };
+            for (key, token) in fills {
+                let (req, replies) = crate::cache::fill_request(db, base, key, &[b"GET", key]);
+                let sent = match up.tracking(key) {
+                    Some(conn) => conn.send(req, replies, None),
+                    None => Err(UpError::Unavailable(
+                        "L1 tracking connection missing".into(),
+                    )),
+                };
+                match sent {
+                    Ok(rx) => {
+                        let (shared, key, token) = (shared.clone(), key.clone(), *token);
+                        tokio::spawn(async move {
+                            let r = rx.await.unwrap_or(Err(UpError::Lost));
+                            finish_fill(&shared, &key, token, selected, r);
+                        });
+                    }
+                    Err(e) => {
+                        l1.complete(key, *token, None, -2, Err(e));
+                    }
+                }
+            }
+        }
+        Ok(Err(frame)) => {
+            for (key, token) in fills {
+                finish_parsed_fill(shared, l1, key, *token, Err(frame.clone()));
+            }
+        }
+        Err(e) => {
+            for (key, token) in fills {
                 l1.complete(key, *token, None, -2, Err(e.clone()));
             }
         }
@@ -2772,6 +2834,10 @@ pub(crate) fn invalidate_writes<A: command::Args + ?Sized>(l1: &L1, args: &A, id
         }
     }
 }
+
+/// Missing keys of one MGET that are filled; an MGET missing more reads
+/// them from Redis as it is.
+const MGET_FILL_MAX: usize = 256;
 
 static MGET_ID: std::sync::LazyLock<Option<usize>> =
     std::sync::LazyLock::new(|| command::id_of("MGET"));

@@ -1563,6 +1563,15 @@ fn an_mget_only_workload_is_served_from_l1() {
         (1..=4).contains(&made),
         "{made} fill transactions for one MGET"
     );
+    // An MGET missing more keys than that goes to Redis as it is.
+    let (execs, mgets) = (redis.calls("exec"), redis.calls("mget"));
+    let keys: Vec<String> = (0..300).map(|i| format!("big{i}")).collect();
+    let v: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+    assert_eq!(v.len(), 300);
+    assert_eq!(
+        (redis.calls("exec"), redis.calls("mget")),
+        (execs, mgets + 1)
+    );
     // Pipelined after a filling MGET, a SET of one of its keys waits.
     let mut r = proxy.raw();
     let n = 500;
@@ -1587,4 +1596,40 @@ fn an_mget_only_workload_is_served_from_l1() {
             "mr{i} after its SET"
         );
     }
+}
+
+#[test]
+fn one_unreadable_key_does_not_spoil_an_mgets_other_fills() {
+    // The keys an MGET missed are read in one transaction per tracking
+    // connection. A key the proxy's upstream user may not read aborts that
+    // transaction; the others are then read alone, so they are still
+    // installed (and GETs coalesced on them are not told NOPERM).
+    let redis = RedisServer::start();
+    let mut direct = redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "px", "on", ">pw", "~ok*", "+@all"])
+        .query(&mut direct)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("ok1")
+        .arg("good")
+        .query(&mut direct)
+        .unwrap();
+    let url = format!("redis://px:pw@127.0.0.1:{}", redis.port);
+    let proxy = Proxy::start(&url, &[]);
+    let mut r = proxy.raw();
+    // Four forbidden keys: some share ok1's tracking connection.
+    r.send(&cmd_bytes(&[
+        b"MGET", b"ok1", b"sec1", b"sec2", b"sec3", b"sec4",
+    ]));
+    let reply = String::from_utf8_lossy(&r.read_reply()).into_owned();
+    assert!(reply.starts_with("-NOPERM"), "{reply}");
+    // ok1 was installed by its own read: the GET is a hit.
+    let gets = redis.calls("get");
+    r.send(&cmd_bytes(&[b"GET", b"ok1"]));
+    assert_eq!(r.read_reply(), b"$4\r\ngood\r\n");
+    assert_eq!(redis.calls("get"), gets, "ok1 was not filled");
+    // And an MGET of readable keys only is one of Redis' answers.
+    r.send(&cmd_bytes(&[b"MGET", b"ok1", b"ok2"]));
+    assert_eq!(r.read_reply(), b"*2\r\n$4\r\ngood\r\n$-1\r\n");
 }
