@@ -442,7 +442,7 @@ impl L1 {
         out: &Arc<crate::upstream::OutBytes>,
         dst: Option<&mut Vec<u8>>,
     ) -> Lookup {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
+        if !self.fillable(db, key) {
             return Lookup::Bypass;
         }
         let found = self.map.get_with(db, key, Instant::now(), |e| {
@@ -473,7 +473,7 @@ impl L1 {
         key: &[u8],
         out: &Arc<crate::upstream::OutBytes>,
     ) -> Lookup {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
+        if !self.fillable(db, key) {
             return Lookup::Bypass;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -508,7 +508,8 @@ impl L1 {
         }
     }
 
-    /// Whether a miss of this key may be filled now.
+    /// Whether L1 may serve this key now (and fill it on a miss): tracking
+    /// is up (or not needed) and the key is one it caches.
     pub fn fillable(&self, db: u32, key: &[u8]) -> bool {
         self.valid.load(Ordering::Acquire) && self.cacheable(db, key)
     }
@@ -549,7 +550,7 @@ impl L1 {
 
     /// A hit without starting a fill (MGET: hits are served, misses fetched).
     pub fn peek(&self, db: u32, key: &[u8]) -> Option<Bytes> {
-        if !self.valid.load(Ordering::Acquire) || !self.cacheable(db, key) {
+        if !self.fillable(db, key) {
             return None;
         }
         match self.get(db, key) {
@@ -673,10 +674,7 @@ impl L1 {
         resp3: bool,
         out: &Arc<crate::upstream::OutBytes>,
     ) -> HashLookup {
-        if !self.hashes.load(Ordering::Acquire)
-            || !self.valid.load(Ordering::Acquire)
-            || !self.cacheable(db, key)
-        {
+        if !self.hashes.load(Ordering::Acquire) || !self.fillable(db, key) {
             return HashLookup::Bypass;
         }
         let found = self.map.get_with(db, key, Instant::now(), |e| match e {
@@ -726,10 +724,7 @@ impl L1 {
         resp3: bool,
         dst: &mut Vec<u8>,
     ) -> Option<usize> {
-        if !self.hashes.load(Ordering::Acquire)
-            || !self.valid.load(Ordering::Acquire)
-            || !self.cacheable(db, key)
-        {
+        if !self.hashes.load(Ordering::Acquire) || !self.fillable(db, key) {
             return None;
         }
         let found = self.map.try_get_with(db, key, Instant::now(), |e| {

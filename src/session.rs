@@ -1616,29 +1616,20 @@ where
     /// client goes away. False (waiters answered with an error) when that
     /// connection is missing: the caller reads the key itself.
     fn start_fill(&mut self, db: u32, key: Bytes, token: u64) -> bool {
-        let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
+        let (Backend::Upstream(up), Some(_)) = (&self.shared.backend, &self.shared.l1) else {
             return false;
         };
-        let Some(conn) = up.tracking(&key) else {
-            let err = UpError::Unavailable("L1 tracking connection missing".into());
-            l1.complete(&key, token, None, -2, Err(err));
-            return false;
-        };
+        let conn = up.tracking(&key);
+        // Without the connection the caller reads the key itself; a send
+        // that fails answers this client with the error, as its waiters.
+        let connected = conn.is_some();
         let selected = db != up.url.db;
-        let (req, replies) = crate::cache::fill_request(db, up.url.db, &key, &[b"GET", &key]);
-        match conn.send(req, replies, None) {
-            Ok(rx) => {
-                let shared = self.shared.clone();
-                tokio::spawn(async move {
-                    let r = rx.await.unwrap_or(Err(UpError::Lost));
-                    finish_fill(&shared, &key, token, selected, r);
-                });
-            }
-            Err(err) => {
-                l1.complete(&key, token, None, -2, Err(err));
-            }
-        }
-        true
+        let req = crate::cache::fill_request(db, up.url.db, &key, &[b"GET", &key]);
+        let shared = self.shared.clone();
+        send_fill(conn, req, move |r| {
+            finish_fill(&shared, &key, token, selected, r)
+        });
+        connected
     }
 
     /// Starts the L1 fill of a hash read (HGET, HMGET, HGETALL) that
@@ -1648,33 +1639,17 @@ where
     /// the error) when that connection is missing: the caller reads the
     /// fields itself.
     fn start_hash_fill(&mut self, db: u32, key: Bytes, read: HashRead, token: u64) -> bool {
-        let (Backend::Upstream(up), Some(l1)) = (&self.shared.backend, &self.shared.l1) else {
+        let (Backend::Upstream(up), Some(_)) = (&self.shared.backend, &self.shared.l1) else {
             return false;
         };
         let selected = db != up.url.db;
         let cmd = read.fill_command(&key);
         let cmd: Vec<&[u8]> = cmd.iter().map(|b| &b[..]).collect();
-        let (req, replies) = crate::cache::fill_request(db, up.url.db, &key, &cmd);
-        let sent = match up.tracking(&key) {
-            Some(conn) => conn.send(req, replies, None),
-            None => Err(UpError::Unavailable(
-                "L1 tracking connection missing".into(),
-            )),
-        };
-        match sent {
-            Ok(rx) => {
-                let shared = self.shared.clone();
-                tokio::spawn(async move {
-                    let r = rx.await.unwrap_or(Err(UpError::Lost));
-                    finish_hash_fill(&shared, &key, token, &read, selected, r);
-                });
-                true
-            }
-            Err(err) => {
-                l1.complete_hash(&key, token, &read, Err(err));
-                false
-            }
-        }
+        let req = crate::cache::fill_request(db, up.url.db, &key, &cmd);
+        let shared = self.shared.clone();
+        send_fill(up.tracking(&key), req, move |r| {
+            finish_hash_fill(&shared, &key, token, &read, selected, r)
+        })
     }
 
     /// Fills (or waits for fills of) the keys an MGET missed, each as its
@@ -1691,10 +1666,10 @@ where
         missing: &[usize],
     ) -> Option<Vec<(usize, crate::cache::FillRx)>> {
         let l1 = self.shared.l1.clone()?;
-        let key = |i: usize| chunk.slice(start + args[i + 1].start..start + args[i + 1].end);
+        let raw = |i: usize| &chunk[start + args[i + 1].start..start + args[i + 1].end];
         // A large cold MGET goes to Redis as it is: as fills it would hold
         // a tracking connection (every key's fills share two) for long.
-        if missing.len() > MGET_FILL_MAX || !missing.iter().all(|&i| l1.fillable(db, &key(i))) {
+        if missing.len() > MGET_FILL_MAX || !missing.iter().all(|&i| l1.fillable(db, raw(i))) {
             return None;
         }
         let Backend::Upstream(up) = &self.shared.backend else {
@@ -1706,12 +1681,13 @@ where
         let mut groups: std::collections::BTreeMap<usize, Vec<(Bytes, u64)>> = Default::default();
         let mut ok = true;
         for &i in missing {
-            match l1.fill_or_wait(db, &key(i), &self.out) {
+            match l1.fill_or_wait(db, raw(i), &self.out) {
                 Lookup::Fill(token, rx) => {
+                    let key = chunk.slice_ref(raw(i));
                     groups
-                        .entry(up.tracking_slot(&key(i)))
+                        .entry(up.tracking_slot(&key))
                         .or_default()
-                        .push((key(i), token));
+                        .push((key, token));
                     fills.push((i, rx));
                 }
                 Lookup::Wait(rx) => fills.push((i, rx)),
@@ -1728,29 +1704,14 @@ where
                 .map(|(k, _)| (&k[..], [&b"GET"[..], &k[..]]))
                 .collect();
             let reads: Vec<(&[u8], &[&[u8]])> = reads.iter().map(|(k, r)| (*k, &r[..])).collect();
-            let (req, replies) = crate::cache::fill_request_many(db, up.url.db, &reads);
-            let sent = match up.tracking_at(slot) {
-                Some(conn) => conn.send(req, replies, None),
-                None => Err(UpError::Unavailable(
-                    "L1 tracking connection missing".into(),
-                )),
-            };
+            let req = crate::cache::fill_request_many(db, up.url.db, &reads);
             let shared = self.shared.clone();
             let base = up.url.db;
-            match sent {
-                Ok(rx) => {
-                    tokio::spawn(async move {
-                        let r = rx.await.unwrap_or(Err(UpError::Lost));
-                        finish_fills(&shared, &keys, (db, base), r);
-                    });
-                }
-                Err(e) => {
-                    // As a GET's fill: its waiters get the error, and this
-                    // MGET reads from Redis itself.
-                    finish_fills(&shared, &keys, (db, base), Err(e));
-                    ok = false;
-                }
-            }
+            // Not sent: as a GET's fill, its waiters get the error, and this
+            // MGET reads from Redis itself.
+            ok &= send_fill(up.tracking_at(slot), req, move |r| {
+                finish_fills(&shared, &keys, (db, base), r)
+            });
         }
         ok.then_some(fills)
     }
@@ -2638,6 +2599,33 @@ fn finish_fill(
     }
 }
 
+/// Sends a fill transaction (`req`: bytes and replies to expect) on a
+/// tracking connection and hands its outcome to `done`, on a task of its
+/// own; a connection that is missing or refuses it is handed to `done` at
+/// once as the error. Whether it was sent.
+fn send_fill(
+    conn: Option<Conn>,
+    (req, replies): (Bytes, u32),
+    done: impl FnOnce(Result<crate::upstream::Reply, UpError>) + Send + 'static,
+) -> bool {
+    let sent = match conn {
+        Some(conn) => conn.send(req, replies, None),
+        None => Err(UpError::Unavailable(
+            "L1 tracking connection missing".into(),
+        )),
+    };
+    match sent {
+        Ok(rx) => {
+            tokio::spawn(async move { done(rx.await.unwrap_or(Err(UpError::Lost))) });
+            true
+        }
+        Err(e) => {
+            done(Err(e));
+            false
+        }
+    }
+}
+
 /// Completes the fills of several keys read in one transaction (an
 /// MGET's misses on one tracking connection).
 fn finish_fills(
@@ -2666,25 +2654,11 @@ fn finish_fills(
                 return;
             };
             for (key, token) in fills {
-                let (req, replies) = crate::cache::fill_request(db, base, key, &[b"GET", key]);
-                let sent = match up.tracking(key) {
-                    Some(conn) => conn.send(req, replies, None),
-                    None => Err(UpError::Unavailable(
-                        "L1 tracking connection missing".into(),
-                    )),
-                };
-                match sent {
-                    Ok(rx) => {
-                        let (shared, key, token) = (shared.clone(), key.clone(), *token);
-                        tokio::spawn(async move {
-                            let r = rx.await.unwrap_or(Err(UpError::Lost));
-                            finish_fill(&shared, &key, token, selected, r);
-                        });
-                    }
-                    Err(e) => {
-                        l1.complete(key, *token, None, -2, Err(e));
-                    }
-                }
+                let req = crate::cache::fill_request(db, base, key, &[b"GET", key]);
+                let (shared, key, token) = (shared.clone(), key.clone(), *token);
+                send_fill(up.tracking(&key), req, move |r| {
+                    finish_fill(&shared, &key, token, selected, r)
+                });
             }
         }
         Ok(Err(frame)) => {
