@@ -2684,26 +2684,7 @@ fn finish_parsed_fill(
     parsed: Result<(i64, Bytes), Bytes>,
 ) {
     let (pttl, frame, read) = match parsed {
-        Ok((pttl, frame)) => {
-            // L1 holds what clients see (decoded). Measured (release, this
-            // 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a decode
-            // takes ~20 us, a hit on a decoded entry is a Bytes clone
-            // (~24 ns). Holding frames would make every hit pay the decode
-            // (and a corrupt frame would fail on each hit) to fit ~3.7x more
-            // large entries in l1.max_bytes; hits are the point of L1, so it
-            // holds decoded values, and l1.max_bytes bounds what it holds.
-            let frame = if shared.rt.compression.load(Ordering::Relaxed) {
-                cz::decode_reply(
-                    &cz::Decode::Bulk,
-                    frame,
-                    &shared.config().compression.codec(),
-                    &shared.metrics.compression,
-                )
-            } else {
-                frame
-            };
-            (pttl, frame, true)
-        }
+        Ok((pttl, frame)) => (pttl, decode_fill(shared, cz::Decode::Bulk, frame), true),
         Err(frame) => (-2, frame, false),
     };
     // A value, or the nil of a missing key (see `L1::install`); not errors,
@@ -2716,6 +2697,21 @@ fn finish_parsed_fill(
         data: frame.clone(),
     });
     l1.complete(key, token, value.then_some(&frame), pttl, outcome);
+}
+
+/// A fill's reply as L1 holds it: decoded, as clients see it. Measured
+/// (release, this 2-core box, 64 KiB JSON-like value, 17.6 KB frame): a
+/// decode takes ~20 us, a hit on a decoded entry is a Bytes clone (~24 ns).
+/// Holding frames would make every hit pay the decode (and a corrupt frame
+/// would fail on each hit) to fit ~3.7x more large entries in
+/// l1.max_bytes; hits are the point of L1, so it holds decoded values, and
+/// l1.max_bytes bounds what it holds.
+fn decode_fill(shared: &Shared, d: cz::Decode, frame: Bytes) -> Bytes {
+    if !shared.rt.compression.load(Ordering::Relaxed) {
+        return frame;
+    }
+    let codec = shared.config().compression.codec();
+    cz::decode_reply(&d, frame, &codec, &shared.metrics.compression)
 }
 
 /// Completes a hash fill: installs what is still valid and answers its
@@ -2733,16 +2729,13 @@ fn finish_hash_fill(
     };
     let outcome = r.map(
         |reply| match crate::cache::split_fill_reply(&reply.data, selected) {
-            Ok((pttl, frame)) if shared.rt.compression.load(Ordering::Relaxed) => {
+            Ok((pttl, frame)) => {
                 let d = match read {
                     HashRead::All => cz::Decode::Pairs,
                     _ => cz::Decode::Array,
                 };
-                let codec = shared.config().compression.codec();
-                let frame = cz::decode_reply(&d, frame, &codec, &shared.metrics.compression);
-                (frame, pttl)
+                (decode_fill(shared, d, frame), pttl)
             }
-            Ok((pttl, frame)) => (frame, pttl),
             // A failed transaction: its error is the reply, nothing installs.
             Err(frame) => (frame, -2),
         },
